@@ -1,0 +1,59 @@
+"""Settings, from the environment (prefix ``BRIDGE_``) and an optional ``.env`` file.
+
+Every setting is documented in docs/configuration.md and .env.example. Secrets are
+``SecretStr`` so they never show up in logs or reprs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BRIDGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # -- the service ------------------------------------------------------------------------
+    database_url: str = "sqlite:///bridge.sqlite3"
+    mapping_file: Path = Path("bridge.toml")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    max_webhook_bytes: int = Field(64 * 1024, ge=1024)
+
+    # -- the worker and delivery ------------------------------------------------------------
+    worker_concurrency: int = Field(16, ge=1, le=1000)
+    hint_lease_seconds: float = Field(60.0, gt=0)
+    read_retry_seconds: float = Field(5.0, gt=0)
+    delivery_lease_seconds: float = Field(120.0, gt=0)
+    retry_base_seconds: float = Field(2.0, gt=0)
+    retry_cap_seconds: float = Field(900.0, gt=0)
+    retry_horizon_seconds: float = Field(86_400.0, gt=0)
+    idle_check_seconds: float = Field(1.0, gt=0)
+
+    # -- Shoptet ----------------------------------------------------------------------------
+    shoptet_base_url: str = "https://api.myshoptet.com"
+    shoptet_api_token: SecretStr | None = None
+    shoptet_webhook_key: SecretStr | None = None
+    shoptet_eshop_id: int | None = None
+    shoptet_content_type: str = "application/json"
+    shoptet_timeout_seconds: float = Field(80.0, gt=0)
+    shoptet_max_connections: int = Field(3, ge=1, le=3)
+
+    # -- MetaKocka --------------------------------------------------------------------------
+    metakocka_base_url: str = "https://main.metakocka.si/rest/eshop/v1"
+    metakocka_company_id: str | None = None
+    metakocka_secret_key: SecretStr | None = None
+    metakocka_api_user_email: str | None = None
+    metakocka_timeout_seconds: float = Field(60.0, gt=0)
+    metakocka_poll_interval_seconds: float = Field(60.0, gt=0)
+    metakocka_poll_overlap_seconds: float = Field(300.0, ge=0)
+    metakocka_batch_size: int = Field(50, ge=1, le=100)
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the environment variable."""

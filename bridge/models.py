@@ -1,0 +1,147 @@
+"""The records that flow between ingest, the worker, delivery and the store.
+
+Plain frozen dataclasses: cheap to build on the hot path, easy to compare in tests. Native
+statuses are always strings (Shoptet's integer ids included) so that every platform looks the
+same to the decision code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class NewHint:
+    """A hint that an order may have changed on a platform: a webhook or a poll result."""
+
+    platform: str
+    ref: str  # the platform's own reference of the order (Shoptet code, MetaKocka mk_id)
+    event: str  # what produced it: "order:update", "poll", ...
+    received_at: float
+    # A status the source already showed us (a poll page). Saves one read; None means "read it".
+    observed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HintBatch:
+    """All pending hints for one (platform, ref), claimed together so they cost one read."""
+
+    platform: str
+    ref: str
+    hint_ids: tuple[int, ...]
+    observed: str | None  # from the newest hint that carried one
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a platform says about an order right now."""
+
+    platform: str
+    ref: str
+    order_key: str | None  # the cross-platform key, when the platform holds it
+    native_status: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformState:
+    """What the bridge knows of an order on one platform."""
+
+    ref: str | None = None
+    last_seen: str | None = None
+    last_seen_at: float | None = None
+    last_written: str | None = None
+    last_written_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderState:
+    """An order's agreed canonical status and what each platform last showed or got."""
+
+    order_key: str
+    canonical: str | None
+    version: int
+    platforms: dict[str, PlatformState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredWrite:
+    """The status one platform should have (one row per order and target; newest wins)."""
+
+    platform: str
+    canonical: str
+    native: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    order_key: str | None
+    platform: str | None
+    kind: str
+    detail: dict[str, Any]
+    at: float
+
+
+ProblemKind = Literal["unmapped_status", "order_not_found", "delivery_failed", "no_order_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something an operator must see: a dead letter, an unmapped status, a missing order."""
+
+    kind: ProblemKind
+    order_key: str | None
+    platform: str
+    reason: str
+    canonical: str | None = None
+    ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredProblem:
+    id: int
+    kind: str
+    order_key: str | None
+    platform: str
+    reason: str
+    canonical: str | None
+    ref: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The worker's verdict on one hint batch, committed atomically by the store.
+
+    Either everything in it is recorded and the hints are consumed, or (when the order changed
+    under us: ``expected_version`` no longer matches) nothing is and the worker decides again.
+    """
+
+    hint_ids: tuple[int, ...]
+    platform: str
+    ref: str
+    observed_at: float
+    order_key: str | None = None  # None: the order could not be identified; only audit/problems
+    native_status: str | None = None
+    expected_version: int = 0  # the order's version when it was read; 0 for a new order
+    new_canonical: str | None = None  # set when the agreed status changes
+    desired: tuple[DesiredWrite, ...] = ()
+    # Platforms whose pending write is no longer wanted (they already show the agreed status).
+    supersede: tuple[str, ...] = ()
+    audit: tuple[AuditEntry, ...] = ()
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A claimed pending write: drive ``platform`` to ``native`` for ``order_key``."""
+
+    order_key: str
+    platform: str
+    canonical: str
+    native: str
+    version: int  # bumps whenever the desire changes; completing an old version keeps the new
+    attempts: int
+    first_try_at: float  # start of the retry horizon
+    ref: str | None  # the target platform's learned reference, if any
+    last_error: str | None = None

@@ -1,0 +1,13 @@
+"""The platform registry: one line per platform."""
+
+from __future__ import annotations
+
+from bridge.platforms import metakocka, shoptet
+from bridge.platforms.base import PlatformSpec
+
+PLATFORMS: dict[str, PlatformSpec] = {
+    shoptet.SPEC.name: shoptet.SPEC,
+    metakocka.SPEC.name: metakocka.SPEC,
+}
+
+__all__ = ["PLATFORMS", "PlatformSpec"]

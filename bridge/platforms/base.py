@@ -1,0 +1,130 @@
+"""What every platform module provides.
+
+A platform module has two halves:
+
+* a pure half: webhook verification and parsing, request building and response
+  classification — no I/O, so it is unit-tested with plain bytes and dicts;
+* a client (:class:`PlatformClient`) that does the HTTP with httpx and uses the pure half.
+
+Adding a platform means one module that fills in :class:`PlatformSpec`, and one line in
+:mod:`bridge.platforms` (the registry).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from bridge.models import NewHint, Snapshot
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
+
+
+class TargetOptions(BaseModel):
+    """Side-effect flags that a mapping may set per canonical status and platform."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WebhookRejected(Exception):
+    """A webhook that must not be stored: ``status`` is the HTTP answer, ``reason`` says why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class ReadFailed(Exception):
+    """A read that did not answer (network, throttling, outage): try again later."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedWebhook:
+    """The order references a verified webhook points at (empty: acknowledged and ignored)."""
+
+    event: str
+    refs: tuple[str, ...]
+
+
+OutcomeKind = Literal["done", "retry", "not_found", "permanent", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one write, classified by the platform module.
+
+    * done: the platform shows the status now (``warning`` if it said something alongside);
+    * retry: try again later (``retry_after`` seconds if the platform said when);
+    * not_found: the order is not (yet) on the platform; recorded and retried later;
+    * conflict: the order changed under the write; re-read and decide again;
+    * permanent: will never succeed as it stands; dead-lettered with ``reason``.
+    """
+
+    kind: OutcomeKind
+    reason: str = ""
+    retry_after: float | None = None
+    warning: str | None = None
+    learned_ref: str | None = None  # the platform's own reference, if the answer revealed it
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    order_key: str
+    native: str
+    ref: str | None  # the learned platform reference, cheaper than the order key where known
+    options: TargetOptions
+
+
+class PlatformClient(ABC):
+    """Reads and writes one platform's order statuses over HTTP."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def read(self, ref: str) -> Snapshot | None:
+        """The order's current status by the platform's own reference; None if not found."""
+
+    @abstractmethod
+    async def write(self, request: WriteRequest) -> Outcome:
+        """Drive one order to a native status. Never raises for HTTP or network trouble."""
+
+    async def write_many(self, requests: Sequence[WriteRequest]) -> list[Outcome]:
+        """Several writes; platforms with a batch call override this. Same order as given."""
+        return [await self.write(r) for r in requests]
+
+    def changes_since(self, since: str | None, until: str) -> AsyncIterator[list[NewHint]]:
+        """Pages of hints for orders changed in ``[since, until]`` (ISO times); for pollers."""
+        raise NotImplementedError(f"{self.name} cannot be polled")
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PlatformSpec:
+    """A platform as the rest of the bridge sees it (one registry entry)."""
+
+    name: str
+    native_type: type[int] | type[str]  # how the mapping file writes native statuses
+    options: type[TargetOptions]
+    make_client: Callable[[Settings], PlatformClient]
+    # Pure: verify and parse a webhook. None: the platform sends no order webhooks.
+    parse_webhook: Callable[[Settings, Mapping[str, str], bytes], ParsedWebhook] | None = None
+    # Does this platform need polling to see changes made in it?
+    polled: bool = False
+    # Max concurrent writes (the platform's own per-token limit).
+    write_concurrency: int = 1
+    # Max writes to claim at once (batching platforms take more).
+    write_batch: int = 1
+    extra: Mapping[str, Any] | None = None

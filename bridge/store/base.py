@@ -1,0 +1,142 @@
+"""The store: the bridge's only durable state, behind one interface.
+
+Implementations: :mod:`bridge.store.memory` (an in-memory fake for unit tests) and
+:mod:`bridge.store.sqlite` (the embedded default). Every method that changes several rows does
+so in one transaction, so a crash at any moment leaves either all or none of it.
+
+Times are Unix seconds (floats) passed in by the caller, which keeps the store free of clocks
+and makes it testable with a fake clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from bridge.models import (
+    AuditEntry,
+    Delivery,
+    HintBatch,
+    NewHint,
+    Observation,
+    OrderState,
+    StoredProblem,
+)
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take writes right now (disk full, locked, connection lost)."""
+
+
+class Store(ABC):
+    # -- life cycle -------------------------------------------------------------------------
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (migrations)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # -- inbox: hints -----------------------------------------------------------------------
+    @abstractmethod
+    async def add_hints(self, hints: Sequence[NewHint]) -> None:
+        """Store hints durably, all in one transaction. Raises StoreUnavailable on failure."""
+
+    @abstractmethod
+    async def claim_hints(self, limit: int, now: float, lease_seconds: float) -> list[HintBatch]:
+        """Lease up to ``limit`` (platform, ref) groups of pending hints, oldest first.
+
+        A group holds every pending hint of that (platform, ref) that is not leased by someone
+        else. Leased hints become claimable again when the lease runs out (the worker died).
+        """
+
+    @abstractmethod
+    async def release_hints(self, hint_ids: Sequence[int], retry_at: float) -> None:
+        """Give leased hints back, to be claimed again no earlier than ``retry_at``."""
+
+    @abstractmethod
+    async def pending_hints(self) -> int:
+        """How many hints are stored and not yet consumed."""
+
+    # -- orders -----------------------------------------------------------------------------
+    @abstractmethod
+    async def find_order_key(self, platform: str, ref: str) -> str | None:
+        """The order key that a platform's reference is linked to, if learned."""
+
+    @abstractmethod
+    async def load_order(self, order_key: str) -> OrderState | None: ...
+
+    @abstractmethod
+    async def commit_observation(self, observation: Observation) -> bool:
+        """Record a worker's verdict and consume its hints, atomically.
+
+        Returns False, changing nothing, when the order's version is no longer
+        ``observation.expected_version`` (another worker got there first).
+
+        For each desired write: if the target has no pending row, or a pending row for another
+        native status, the row becomes pending for the new status with attempts reset, the
+        version bumped and ``next_try_at = observed_at``; a lease on it is kept, so no second
+        write for that order and platform starts while one is in flight. A pending row for the
+        same native status is left alone. Platforms in ``supersede`` get their pending row
+        (if any) marked superseded.
+        """
+
+    # -- outbox: deliveries -----------------------------------------------------------------
+    @abstractmethod
+    async def claim_deliveries(
+        self, platform: str, limit: int, now: float, lease_seconds: float
+    ) -> list[Delivery]:
+        """Lease up to ``limit`` due pending writes for ``platform``, the longest-waiting first."""
+
+    @abstractmethod
+    async def complete_delivery(
+        self, delivery: Delivery, now: float, audit: Sequence[AuditEntry] = ()
+    ) -> None:
+        """The write happened: record it as the platform's last written and last seen status.
+
+        The row is done only if its version is still ``delivery.version``; otherwise a newer
+        desire arrived meanwhile and the row stays pending (lease cleared) to deliver that one.
+        """
+
+    @abstractmethod
+    async def retry_delivery(
+        self, delivery: Delivery, next_try_at: float, error: str, now: float
+    ) -> None:
+        """The write failed for now: count the attempt, remember why, try again later.
+
+        If the row's version changed meanwhile, only the lease is cleared (the newer desire is
+        due at once).
+        """
+
+    @abstractmethod
+    async def fail_delivery(self, delivery: Delivery, reason: str, now: float) -> None:
+        """The write can never succeed: dead-letter it with the reason (a problem record).
+
+        If the row's version changed meanwhile, only the lease is cleared.
+        """
+
+    @abstractmethod
+    async def learn_ref(self, order_key: str, platform: str, ref: str) -> None:
+        """Remember a platform's own reference for an order (e.g. a MetaKocka mk_id)."""
+
+    @abstractmethod
+    async def next_delivery_at(self, platform: str) -> float | None:
+        """When the earliest pending write for ``platform`` is due (None: nothing pending)."""
+
+    @abstractmethod
+    async def pending_deliveries(self, platform: str | None = None) -> int: ...
+
+    # -- problems, watermarks, audit --------------------------------------------------------
+    @abstractmethod
+    async def list_problems(self, limit: int = 100) -> list[StoredProblem]:
+        """Newest first."""
+
+    @abstractmethod
+    async def get_watermark(self, name: str) -> str | None: ...
+
+    @abstractmethod
+    async def set_watermark(self, name: str, value: str) -> None: ...
+
+    @abstractmethod
+    async def list_audit(self, order_key: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        """Newest first; all orders when ``order_key`` is None."""
