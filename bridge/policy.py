@@ -20,6 +20,8 @@ class Verdict:
     kind: VerdictKind
     canonical: str | None  # what the source's native status means (None if unmapped)
     writes: tuple[DesiredWrite, ...] = ()
+    # Platforms whose pending write is moot: they show the status already (the source included).
+    supersede: tuple[str, ...] = ()
     reason: str = ""
 
     @property
@@ -47,8 +49,12 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
         assert order is not None
         mine = order.platforms.get(source)
         if mine is not None and mine.last_written == native:
-            return Verdict("echo", canonical, reason="the bridge's own write came back")
-        return Verdict("same", canonical, reason=f"already agreed on {canonical!r}")
+            return Verdict(
+                "echo", canonical, supersede=(source,), reason="the bridge's own write came back"
+            )
+        return Verdict(
+            "same", canonical, supersede=(source,), reason=f"already agreed on {canonical!r}"
+        )
 
     if (
         agreed is not None
@@ -63,6 +69,7 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
         )
 
     writes = []
+    already = [source]
     for platform in sorted(mapping.platforms - {source}):
         target = mapping.target_for(platform, canonical)
         known = order.platforms.get(platform) if order else None
@@ -71,7 +78,10 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
             and known.last_seen is not None
             and mapping.canonical_for(platform, known.last_seen) == canonical
         ):
-            continue  # it shows this status already; a write would only repeat side effects
+            already.append(platform)  # a write would only repeat its side effects
+            continue
         writes.append(DesiredWrite(platform, canonical, target.native))
     was = f"from {agreed!r}" if agreed else "first sighting"
-    return Verdict("advance", canonical, tuple(writes), reason=f"{was} to {canonical!r}")
+    return Verdict(
+        "advance", canonical, tuple(writes), tuple(already), reason=f"{was} to {canonical!r}"
+    )

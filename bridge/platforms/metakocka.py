@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from itertools import groupby
 from typing import Any, Literal
 
@@ -113,10 +112,6 @@ def snapshot_from_document(doc: dict[str, Any]) -> Snapshot:
     return Snapshot(
         NAME, mk_id, str(buyer_order) if buyer_order else None, str(doc.get("status_desc") or "")
     )
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 # -- the client -----------------------------------------------------------------------------

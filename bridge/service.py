@@ -1,0 +1,173 @@
+"""Assembles the bridge: store, platform clients, inbox, worker, delivery, pollers, HTTP app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from starlette.applications import Starlette
+
+from bridge.app import create_app
+from bridge.config import ConfigError, Settings
+from bridge.delivery import Dispatcher
+from bridge.inbox import Inbox
+from bridge.mapping import StatusMapping, load_mapping
+from bridge.metrics import Metrics
+from bridge.platforms import PLATFORMS
+from bridge.platforms.base import PlatformClient, PlatformSpec
+from bridge.poller import Poller
+from bridge.retry import RetryPolicy
+from bridge.store import Store, open_store
+from bridge.worker import Worker
+
+log = logging.getLogger("bridge")
+
+
+class Bridge:
+    """One running bridge. ``app`` is the ASGI app; its lifespan starts and stops the rest."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        mapping: StatusMapping | None = None,
+        store: Store | None = None,
+        clients: Mapping[str, PlatformClient] | None = None,
+        clock: Callable[[], float] = time.time,
+        run_pollers: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.mapping = mapping or load_mapping(settings.mapping_file, PLATFORMS)
+        self.platforms = sorted(self.mapping.platforms)
+        self.specs: dict[str, PlatformSpec] = {p: PLATFORMS[p] for p in self.platforms}
+        self.store = store or open_store(settings.database_url)
+        self.clients: dict[str, PlatformClient] = (
+            dict(clients)
+            if clients is not None
+            else {p: s.make_client(settings) for p, s in self.specs.items()}
+        )
+        missing = set(self.platforms) - set(self.clients)
+        if missing:
+            raise ConfigError(f"no client for mapped platform(s): {', '.join(sorted(missing))}")
+        self.metrics = Metrics()
+        self.clock = clock
+        self.retry = RetryPolicy(
+            base_seconds=settings.retry_base_seconds,
+            cap_seconds=settings.retry_cap_seconds,
+            horizon_seconds=settings.retry_horizon_seconds,
+        )
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.clients,
+            self.specs,
+            self.mapping,
+            self.metrics,
+            retry=self.retry,
+            lease_seconds=settings.delivery_lease_seconds,
+            idle_seconds=settings.idle_check_seconds,
+            on_hint=self._wake_worker,
+            clock=clock,
+        )
+        self.worker = Worker(
+            self.store,
+            self.clients,
+            self.mapping,
+            self.metrics,
+            concurrency=settings.worker_concurrency,
+            lease_seconds=settings.hint_lease_seconds,
+            read_retry_seconds=settings.read_retry_seconds,
+            idle_seconds=settings.idle_check_seconds,
+            on_desired=self.dispatcher.notify,
+            clock=clock,
+        )
+        self.inbox = Inbox(self.store, on_stored=self._wake_worker)
+        self.pollers = [
+            Poller(
+                self.store,
+                self.inbox,
+                self.clients[p],
+                self.metrics,
+                overlap_seconds=self._poll_setting(p, "overlap_seconds"),
+                clock=clock,
+            )
+            for p, spec in self.specs.items()
+            if spec.polled
+        ]
+        self._run_pollers = run_pollers
+        self._tasks: list[asyncio.Task[None]] = []
+        self._scheduler: AsyncIOScheduler | None = None
+        self.app: Starlette = create_app(self, lifespan=self._lifespan)
+
+    def _poll_setting(self, platform: str, name: str) -> float:
+        value = getattr(self.settings, f"{platform}_poll_{name}")
+        assert isinstance(value, float | int)
+        return float(value)
+
+    def _wake_worker(self) -> None:
+        self.worker.wake.set()
+
+    async def start(self) -> None:
+        await self.store.open()
+        self._tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
+        for platform in self.platforms:
+            self._tasks.append(
+                asyncio.create_task(self.dispatcher.run(platform), name=f"delivery:{platform}")
+            )
+        if self._run_pollers and self.pollers:
+            scheduler = AsyncIOScheduler()
+            for poller in self.pollers:
+                scheduler.add_job(
+                    poller.poll,
+                    "interval",
+                    seconds=self._poll_setting(poller.platform, "interval_seconds"),
+                    id=f"poll:{poller.platform}",
+                    max_instances=1,
+                    coalesce=True,
+                    next_run_time=_now(),
+                    misfire_grace_time=None,
+                )
+            scheduler.start()
+            self._scheduler = scheduler
+        log.info(
+            "bridge started: platforms %s, store %s",
+            ", ".join(self.platforms),
+            self.settings.database_url,
+        )
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for client in self.clients.values():
+            await client.aclose()
+        await self.store.close()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def refresh_gauges(self) -> None:
+        self.metrics.pending_hints.set(await self.store.pending_hints())
+        for platform in self.platforms:
+            self.metrics.pending_writes.labels(platform).set(
+                await self.store.pending_deliveries(platform)
+            )
+
+
+def _now() -> object:
+    from datetime import datetime
+
+    return datetime.now(UTC)

@@ -1,0 +1,205 @@
+"""The worker: turns stored hints into decisions, one order at a time, many in parallel.
+
+For each (platform, ref) with pending hints: read the order's current status from the platform
+(or take the status a poll page already showed), map and decide (:func:`bridge.policy.decide`),
+and commit the verdict with the desired writes — atomically, together with consuming the
+hints. A crash before the commit leaves the hints in place; their lease runs out and another
+pass does the same work again, which is harmless because it starts from a fresh read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from bridge.mapping import StatusMapping
+from bridge.metrics import Metrics
+from bridge.models import AuditEntry, HintBatch, Observation, Problem
+from bridge.platforms.base import PlatformClient, ReadFailed
+from bridge.policy import decide
+from bridge.store.base import Store
+
+log = logging.getLogger("bridge.worker")
+
+MAX_DECISION_ATTEMPTS = 5
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        clients: Mapping[str, PlatformClient],
+        mapping: StatusMapping,
+        metrics: Metrics,
+        *,
+        concurrency: int = 16,
+        lease_seconds: float = 60.0,
+        read_retry_seconds: float = 5.0,
+        idle_seconds: float = 1.0,
+        on_desired: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._clients = clients
+        self._mapping = mapping
+        self._metrics = metrics
+        self._concurrency = concurrency
+        self._lease = lease_seconds
+        self._read_retry = read_retry_seconds
+        self._idle = idle_seconds
+        self._on_desired = on_desired
+        self._clock = clock
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Process hints until cancelled."""
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                claimed = 0
+                free = self._concurrency - len(tasks)
+                if free > 0:
+                    try:
+                        batches = await self._store.claim_hints(free, self._clock(), self._lease)
+                    except Exception:
+                        log.exception("claiming hints failed; trying again shortly")
+                        batches = []
+                    claimed = len(batches)
+                    for batch in batches:
+                        task = asyncio.create_task(self._guarded(batch))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                if claimed and len(tasks) < self._concurrency:
+                    continue
+                waiter = asyncio.create_task(self.wake.wait())
+                try:
+                    await asyncio.wait(
+                        {waiter, *tasks}, timeout=self._idle, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
+                self.wake.clear()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _guarded(self, batch: HintBatch) -> None:
+        try:
+            await self.process(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "processing %s order %s failed; it will be retried", batch.platform, batch.ref
+            )
+            try:
+                await self._store.release_hints(batch.hint_ids, self._clock() + self._read_retry)
+            except Exception:
+                log.exception("releasing hints failed; their lease will run out instead")
+
+    async def process(self, batch: HintBatch) -> None:
+        store, platform, ref = self._store, batch.platform, batch.ref
+        client = self._clients.get(platform)
+        if client is None:
+            await self._consume_with_problem(
+                batch, None, "no_order_key", f"{platform} is not configured"
+            )
+            return
+        order_key = await store.find_order_key(platform, ref)
+        native: str | None = None
+        if batch.observed is not None and order_key is not None:
+            native = batch.observed  # a poll page showed it: no need to ask again
+        else:
+            try:
+                snapshot = await client.read(ref)
+            except ReadFailed as exc:
+                log.warning("reading %s order %s failed: %s", platform, ref, exc.reason)
+                retry_at = self._clock() + (exc.retry_after or self._read_retry)
+                await store.release_hints(batch.hint_ids, retry_at)
+                return
+            if snapshot is None:
+                await self._consume_with_problem(
+                    batch, order_key, "order_not_found", f"{platform} has no order {ref!r}"
+                )
+                return
+            native = snapshot.native_status
+            order_key = snapshot.order_key or order_key
+        if order_key is None:
+            await self._consume_with_problem(
+                batch,
+                None,
+                "no_order_key",
+                f"{platform} order {ref!r} carries no order key to link it by",
+            )
+            return
+
+        for _ in range(MAX_DECISION_ATTEMPTS):
+            order = await store.load_order(order_key)
+            verdict = decide(self._mapping, platform, native, order)
+            now = self._clock()
+            detail = {
+                "ref": ref,
+                "native": native,
+                "canonical": verdict.canonical,
+                "agreed_before": order.canonical if order else None,
+                "hints": len(batch.hint_ids),
+                "writes": {w.platform: w.native for w in verdict.writes},
+                "reason": verdict.reason,
+            }
+            problems: tuple[Problem, ...] = ()
+            if verdict.kind == "unmapped":
+                problems = (
+                    Problem("unmapped_status", order_key, platform, verdict.reason, ref=ref),
+                )
+            observation = Observation(
+                hint_ids=batch.hint_ids,
+                platform=platform,
+                ref=ref,
+                observed_at=now,
+                order_key=order_key,
+                native_status=native,
+                expected_version=order.version if order else 0,
+                new_canonical=verdict.canonical if verdict.changes_agreement else None,
+                desired=verdict.writes,
+                supersede=verdict.supersede,
+                audit=(AuditEntry(order_key, platform, verdict.kind, detail, now),),
+                problems=problems,
+            )
+            if await store.commit_observation(observation):
+                self._metrics.verdicts.labels(platform, verdict.kind).inc()
+                if verdict.kind in ("regress", "unmapped"):
+                    log.warning("%s order %s: %s", platform, order_key, verdict.reason)
+                else:
+                    log.info(
+                        "%s order %s: %s (%s)", platform, order_key, verdict.kind, verdict.reason
+                    )
+                if verdict.writes:
+                    self._on_desired()
+                return
+            # Another worker changed the order between our load and commit: decide again.
+        raise RuntimeError(f"order {order_key} kept changing under the worker")
+
+    async def _consume_with_problem(
+        self, batch: HintBatch, order_key: str | None, kind: str, reason: str
+    ) -> None:
+        log.warning("%s", reason)
+        now = self._clock()
+        problem = Problem(kind, order_key, batch.platform, reason, ref=batch.ref)  # type: ignore[arg-type]
+        await self._store.commit_observation(
+            Observation(
+                hint_ids=batch.hint_ids,
+                platform=batch.platform,
+                ref=batch.ref,
+                observed_at=now,
+                audit=(
+                    AuditEntry(
+                        order_key, batch.platform, kind, {"ref": batch.ref, "reason": reason}, now
+                    ),
+                ),
+                problems=(problem,),
+            )
+        )
+        self._metrics.verdicts.labels(batch.platform, kind).inc()
