@@ -1,0 +1,138 @@
+"""The ``bridge`` command: serve, demo, check, example-mapping."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from bridge.config import ConfigError, Settings
+from bridge.mapping import MappingError, StatusMapping, load_mapping
+from bridge.platforms import PLATFORMS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Keeps an order's status in agreement across Shoptet, MetaKocka and Bitrix24.",
+)
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _settings(mapping: Path | None) -> Settings:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "BRIDGE_" + "_".join(str(p) for p in first["loc"]).upper()
+        raise _fail(f"{name}: {first['msg']}") from None
+    if mapping is not None:
+        settings = settings.model_copy(update={"mapping_file": mapping})
+    return settings
+
+
+def _mapping(settings: Settings) -> StatusMapping:
+    try:
+        return load_mapping(settings.mapping_file, PLATFORMS)
+    except MappingError as exc:
+        raise _fail(str(exc)) from None
+
+
+MappingOption = Annotated[
+    Path | None, typer.Option("--mapping", help="Mapping file (default: BRIDGE_MAPPING_FILE).")
+]
+
+
+@app.command()
+def serve(
+    mapping: MappingOption = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (BRIDGE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (BRIDGE_PORT).")] = None,
+) -> None:
+    """Run the bridge: webhook intake, worker, delivery and pollers."""
+    import uvicorn
+
+    from bridge.service import Bridge
+
+    settings = _settings(mapping)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    status_mapping = _mapping(settings)
+    try:
+        bridge = Bridge(settings, mapping=status_mapping)
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    uvicorn.run(
+        bridge.app,
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+@app.command()
+def check(mapping: MappingOption = None) -> None:
+    """Validate the settings and the mapping file, and show the mapping."""
+    settings = _settings(mapping)
+    status_mapping = _mapping(settings)
+    for platform in sorted(status_mapping.platforms):
+        try:
+            client = PLATFORMS[platform].make_client(settings)
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+        # Clients own an HTTP connection pool; nothing was sent, so just drop it.
+        del client
+    table = Table(title=f"{settings.mapping_file}")
+    table.add_column("status")
+    table.add_column("rank", justify="right")
+    platforms = sorted(status_mapping.platforms)
+    for platform in platforms:
+        table.add_column(platform)
+    for status in sorted(status_mapping.statuses.values(), key=lambda s: s.rank):
+        cells = []
+        for platform in platforms:
+            target = status.targets[platform].native
+            others = sorted(status.inbound[platform] - {target})
+            cells.append(target + (f" (also {', '.join(others)})" if others else ""))
+        table.add_row(status.key, str(status.rank), *cells)
+    Console().print(table)
+    Console().print("[green]settings and mapping are valid[/]")
+
+
+@app.command("example-mapping")
+def example_mapping() -> None:
+    """Print the annotated example mapping file (redirect it to bridge.toml)."""
+    sys.stdout.write(files("bridge").joinpath("mapping.example.toml").read_text("utf-8"))
+
+
+@app.command()
+def demo(
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Leave everything running for poking around.")
+    ] = False,
+) -> None:
+    """Show the bridge at work against simulators of the platforms (no credentials needed)."""
+    from bridge.demo import run_demo
+
+    raise typer.Exit(run_demo(keep_running=keep_running))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
