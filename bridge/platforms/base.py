@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class TargetOptions(BaseModel):
     """Side-effect flags that a mapping may set per canonical status and platform."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class WebhookRejected(Exception):

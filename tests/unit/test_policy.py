@@ -1,0 +1,123 @@
+from pathlib import Path
+
+import pytest
+
+from bridge.mapping import load_mapping
+from bridge.models import DesiredWrite, OrderState, PlatformState
+from bridge.platforms import PLATFORMS
+from bridge.policy import decide
+
+MAPPING = load_mapping(Path(__file__).parents[2] / "bridge" / "mapping.example.toml", PLATFORMS)
+S, M = "shoptet", "metakocka"
+
+
+def order(canonical: str | None, **platforms: PlatformState) -> OrderState:
+    return OrderState("2026000042", canonical, 3, dict(platforms))
+
+
+# Shoptet ids of the example: new -1, paid 2, ready 4, shipped 3, completed -2, cancelled -4.
+CASES = [
+    # (name, source, native, order, kind, canonical, writes, supersede)
+    ("first sighting", S, "-1", None, "advance", "new", {M: "new_order"}, (S,)),
+    ("first sighting from MK", M, "created", None, "advance", "new", {S: "-1"}, (M,)),
+    ("forward move", S, "2", order("new"), "advance", "paid", {M: "in_progress"}, (S,)),
+    ("skip a stage", M, "shipped", order("new"), "advance", "shipped", {S: "3"}, (M,)),
+    ("repeat of the agreed status", S, "2", order("paid"), "same", "paid", {}, (S,)),
+    ("an also-status means the same", M, "draft", order("new"), "same", "new", {}, (M,)),
+    (
+        "the bridge's own write comes back",
+        S,
+        "3",
+        order("shipped", shoptet=PlatformState(ref="2026000042", last_written="3")),
+        "echo",
+        "shipped",
+        {},
+        (S,),
+    ),
+    ("late webhook: lower rank", S, "2", order("shipped"), "regress", "paid", {}, ()),
+    (
+        "backward rule allows reopening",
+        S,
+        "-1",
+        order("cancelled"),
+        "advance",
+        "new",
+        {M: "new_order"},
+        (S,),
+    ),
+    (
+        "backward rule: returned parcel",
+        M,
+        "ready_to_ship",
+        order("shipped"),
+        "advance",
+        "ready",
+        {S: "4"},
+        (M,),
+    ),
+    (
+        "cancel from anywhere (highest rank)",
+        S,
+        "-4",
+        order("shipped"),
+        "advance",
+        "cancelled",
+        {M: "canceled"},
+        (S,),
+    ),
+    ("unmapped native status", S, "77", order("new"), "unmapped", None, {}, ()),
+    ("unmapped MK status", M, "paused", None, "unmapped", None, {}, ()),
+    (
+        "a target already showing the status gets no write",
+        S,
+        "2",
+        order("new", metakocka=PlatformState(ref="400000000001", last_seen="in_progress")),
+        "advance",
+        "paid",
+        {},
+        (S, M),
+    ),
+    (
+        "a target showing an older status gets the write",
+        S,
+        "2",
+        order("new", metakocka=PlatformState(ref="400000000001", last_seen="new_order")),
+        "advance",
+        "paid",
+        {M: "in_progress"},
+        (S,),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "native", "state", "kind", "canonical", "writes", "supersede"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_decide(
+    source: str,
+    native: str,
+    state: OrderState | None,
+    kind: str,
+    canonical: str | None,
+    writes: dict[str, str],
+    supersede: tuple[str, ...],
+) -> None:
+    verdict = decide(MAPPING, source, native, state)
+    assert verdict.kind == kind, verdict.reason
+    assert verdict.canonical == canonical
+    assert verdict.writes == tuple(
+        DesiredWrite(p, canonical or "", n) for p, n in sorted(writes.items())
+    )
+    assert verdict.supersede == supersede
+    assert verdict.reason
+    assert verdict.changes_agreement is (kind == "advance")
+
+
+def test_no_write_ever_goes_back_to_the_source() -> None:
+    for status in MAPPING.statuses.values():
+        for platform in MAPPING.platforms:
+            for native in status.inbound[platform]:
+                verdict = decide(MAPPING, platform, native, None)
+                assert platform not in {w.platform for w in verdict.writes}
