@@ -78,7 +78,8 @@ class Store(ABC):
         version bumped and ``next_try_at = observed_at``; a lease on it is kept, so no second
         write for that order and platform starts while one is in flight. A pending row for the
         same native status is left alone. Platforms in ``supersede`` get their pending row
-        (if any) marked superseded.
+        (if any) marked superseded, with its version bumped, so a write still in flight for it
+        cannot dead-letter or complete it afterwards.
         """
 
     # -- outbox: deliveries -----------------------------------------------------------------

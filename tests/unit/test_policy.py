@@ -15,7 +15,7 @@ def order(canonical: str | None, **platforms: PlatformState) -> OrderState:
     return OrderState("2026000042", canonical, 3, dict(platforms))
 
 
-# Shoptet ids of the example: new -1, paid 2, ready 4, shipped 3, completed -2, cancelled -4.
+# Shoptet ids of the example: new -1, paid 2, processing -2 (or 4), shipped 3, completed -3, cancelled -4.
 CASES = [
     # (name, source, native, order, kind, canonical, writes, supersede)
     ("first sighting", S, "-1", None, "advance", "new", {M: "new_order"}, (S,)),
@@ -51,9 +51,19 @@ CASES = [
         "ready_to_ship",
         order("shipped"),
         "advance",
-        "ready",
-        {S: "4"},
+        "processing",
+        {S: "-2"},
         (M,),
+    ),
+    (
+        "an also-status: ready for pickup",
+        S,
+        "4",
+        order("paid"),
+        "advance",
+        "processing",
+        {M: "ready_to_ship"},
+        (S,),
     ),
     (
         "cancel from anywhere (highest rank)",

@@ -1,0 +1,901 @@
+"""The store contract (bridge.store.base): every test runs against MemoryStore and SQLiteStore."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.models import (
+    AuditEntry,
+    Delivery,
+    DesiredWrite,
+    HintBatch,
+    NewHint,
+    Observation,
+    OrderState,
+    PlatformState,
+    Problem,
+)
+from bridge.store.base import Store
+from bridge.store.memory import MemoryStore
+from bridge.store.sqlite import SQLiteStore
+
+T0 = 1_000.0
+LEASE = 30.0
+MK = "metakocka"
+BX = "bitrix24"
+
+
+def hint(ref: str = "A1", observed: str | None = None, platform: str = "shoptet") -> NewHint:
+    return NewHint(
+        platform=platform, ref=ref, event="order:update", received_at=T0, observed=observed
+    )
+
+
+def verdict(
+    hint_ids: tuple[int, ...] = (),
+    *,
+    key: str | None = "A1",
+    platform: str = "shoptet",
+    ref: str = "A1",
+    at: float = T0,
+    native: str | None = "paid",
+    version: int = 0,
+    canonical: str | None = None,
+    desired: tuple[DesiredWrite, ...] = (),
+    supersede: tuple[str, ...] = (),
+    audit: tuple[AuditEntry, ...] = (),
+    problems: tuple[Problem, ...] = (),
+) -> Observation:
+    return Observation(
+        hint_ids=hint_ids,
+        platform=platform,
+        ref=ref,
+        observed_at=at,
+        order_key=key,
+        native_status=native,
+        expected_version=version,
+        new_canonical=canonical,
+        desired=desired,
+        supersede=supersede,
+        audit=audit,
+        problems=problems,
+    )
+
+
+async def version_of(store: Store, key: str) -> int:
+    order = await store.load_order(key)
+    return 0 if order is None else order.version
+
+
+async def desire(
+    store: Store, native: str, *, key: str = "A1", target: str = MK, at: float = T0
+) -> None:
+    """Commit a verdict that wants ``target`` to show ``native`` for order ``key``."""
+    want = (DesiredWrite(target, f"c-{native}", native),)
+    ok = await store.commit_observation(
+        verdict(key=key, ref=key, at=at, version=await version_of(store, key), desired=want)
+    )
+    assert ok
+
+
+async def supersede(store: Store, target: str, *, key: str = "A1", at: float = T0) -> None:
+    ok = await store.commit_observation(
+        verdict(key=key, ref=key, at=at, version=await version_of(store, key), supersede=(target,))
+    )
+    assert ok
+
+
+async def claim_one(store: Store, now: float, platform: str = MK) -> Delivery:
+    claimed = await store.claim_deliveries(platform, 10, now, LEASE)
+    assert len(claimed) == 1, claimed
+    return claimed[0]
+
+
+# -- inbox ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [3, 2], [1, 0, 5]])
+async def test_add_hints_counts_every_hint(store: Store, sizes: list[int]) -> None:
+    for size in sizes:
+        await store.add_hints([hint(f"R{i}") for i in range(size)])
+    assert await store.pending_hints() == sum(sizes)
+
+
+async def test_claim_groups_hints_per_order_oldest_group_first(store: Store) -> None:
+    await store.add_hints([hint("A1"), hint("B2"), hint("A1")])
+    await store.add_hints([hint("C3"), hint("B2"), hint("A1", platform=MK)])
+
+    batches = await store.claim_hints(10, T0, LEASE)
+
+    assert batches == [
+        HintBatch("shoptet", "A1", (1, 3), None),
+        HintBatch("shoptet", "B2", (2, 5), None),
+        HintBatch("shoptet", "C3", (4,), None),
+        HintBatch(MK, "A1", (6,), None),
+    ]
+
+
+async def test_claim_respects_limit_and_continues_with_the_next_groups(store: Store) -> None:
+    await store.add_hints([hint("A1"), hint("B2"), hint("C3"), hint("A1")])
+
+    first = await store.claim_hints(2, T0, LEASE)
+    second = await store.claim_hints(2, T0, LEASE)
+
+    assert [(b.ref, b.hint_ids) for b in first] == [("A1", (1, 4)), ("B2", (2,))]
+    assert [(b.ref, b.hint_ids) for b in second] == [("C3", (3,))]
+    assert await store.claim_hints(0, T0 + 1_000, LEASE) == []
+
+
+@pytest.mark.parametrize(
+    ("observed", "expected"),
+    [
+        ([None, None], None),
+        (["new", None], "new"),
+        (["new", "paid"], "paid"),
+        ([None, "paid", None], "paid"),
+    ],
+)
+async def test_batch_observed_comes_from_the_newest_hint_that_has_one(
+    store: Store, observed: list[str | None], expected: str | None
+) -> None:
+    await store.add_hints([hint("A1", seen) for seen in observed])
+    [batch] = await store.claim_hints(10, T0, LEASE)
+    assert batch.observed == expected
+
+
+async def test_claimed_hints_are_leased_until_the_lease_runs_out(store: Store) -> None:
+    await store.add_hints([hint("A1"), hint("A1")])
+    [batch] = await store.claim_hints(10, T0, LEASE)
+
+    assert await store.claim_hints(10, T0 + LEASE - 0.001, LEASE) == []
+    # The worker died: at the end of its lease the same hints go to the next one.
+    assert await store.claim_hints(10, T0 + LEASE, LEASE) == [batch]
+    assert await store.pending_hints() == 2
+
+
+async def test_an_order_under_a_live_lease_is_skipped_even_when_new_hints_arrive(
+    store: Store,
+) -> None:
+    await store.add_hints([hint("A1")])
+    await store.claim_hints(10, T0, LEASE)
+    await store.add_hints([hint("A1"), hint("B2")])
+
+    during = await store.claim_hints(10, T0 + 1, LEASE)
+    after = await store.claim_hints(10, T0 + LEASE, LEASE)
+
+    assert [(b.ref, b.hint_ids) for b in during] == [("B2", (3,))]
+    assert [(b.ref, b.hint_ids) for b in after] == [("A1", (1, 2))]
+
+
+async def test_release_defers_hints_until_retry_at(store: Store) -> None:
+    await store.add_hints([hint("A1"), hint("A1", "paid")])
+    [batch] = await store.claim_hints(10, T0, LEASE)
+
+    await store.release_hints(batch.hint_ids, T0 + 60)
+
+    assert await store.claim_hints(10, T0 + 59, LEASE) == []
+    assert await store.claim_hints(10, T0 + 60, LEASE) == [batch]
+
+
+async def test_releasing_part_of_a_group_keeps_the_rest_leased(store: Store) -> None:
+    await store.add_hints([hint("A1"), hint("A1")])
+    await store.claim_hints(10, T0, LEASE)
+
+    await store.release_hints([1], T0)
+
+    assert await store.claim_hints(10, T0 + 1, LEASE) == []
+    [batch] = await store.claim_hints(10, T0 + LEASE, LEASE)
+    assert batch.hint_ids == (1, 2)
+
+
+async def test_committing_consumes_exactly_the_given_hints(store: Store) -> None:
+    await store.add_hints([hint("A1"), hint("B2")])
+    [a, _] = await store.claim_hints(10, T0, LEASE)
+    await store.add_hints([hint("A1")])
+
+    assert await store.commit_observation(verdict(a.hint_ids))
+
+    assert await store.pending_hints() == 2
+    later = await store.claim_hints(10, T0 + LEASE, LEASE)
+    assert [(b.ref, b.hint_ids) for b in later] == [("B2", (2,)), ("A1", (3,))]
+
+
+# -- orders ----------------------------------------------------------------------------------
+
+
+async def test_unknown_order_and_ref(store: Store) -> None:
+    assert await store.load_order("nope") is None
+    assert await store.find_order_key("shoptet", "nope") is None
+
+
+async def test_commit_creates_the_order_and_links_the_ref(store: Store) -> None:
+    await store.add_hints([hint("X-1")])
+    [batch] = await store.claim_hints(10, T0, LEASE)
+
+    ok = await store.commit_observation(
+        verdict(batch.hint_ids, key="A1", ref="X-1", native="2", canonical="paid", at=T0 + 1)
+    )
+
+    assert ok
+    assert await store.load_order("A1") == OrderState(
+        "A1", "paid", 1, {"shoptet": PlatformState("X-1", "2", T0 + 1)}
+    )
+    assert await store.find_order_key("shoptet", "X-1") == "A1"
+    assert await store.pending_hints() == 0
+
+
+async def test_every_commit_bumps_the_version_and_keeps_canonical_unless_set(
+    store: Store,
+) -> None:
+    assert await store.commit_observation(verdict(canonical="paid", native="2"))
+    assert await store.commit_observation(verdict(version=1, native="3", at=T0 + 1))
+    assert await store.commit_observation(verdict(version=2, canonical="shipped", at=T0 + 2))
+
+    order = await store.load_order("A1")
+    assert order is not None
+    assert (order.canonical, order.version) == ("shipped", 3)
+    assert order.platforms["shoptet"] == PlatformState("A1", "paid", T0 + 2)
+
+
+async def test_commit_without_a_native_status_keeps_what_was_last_seen(store: Store) -> None:
+    assert await store.commit_observation(verdict(native="2"))
+    assert await store.commit_observation(verdict(version=1, native=None, at=T0 + 5))
+
+    order = await store.load_order("A1")
+    assert order is not None
+    assert order.platforms["shoptet"] == PlatformState("A1", "2", T0)
+
+
+@pytest.mark.parametrize(("commits_before", "expected_version"), [(0, 1), (1, 0), (1, 2), (2, 1)])
+async def test_a_stale_version_changes_nothing(
+    store: Store, commits_before: int, expected_version: int
+) -> None:
+    for version in range(commits_before):
+        assert await store.commit_observation(verdict(version=version, canonical="new"))
+    await store.add_hints([hint("A1")])
+    [batch] = await store.claim_hints(10, T0, LEASE)
+    before = await store.load_order("A1")
+
+    ok = await store.commit_observation(
+        verdict(
+            batch.hint_ids,
+            version=expected_version,
+            canonical="paid",
+            desired=(DesiredWrite(MK, "paid", "P"),),
+            audit=(AuditEntry("A1", "shoptet", "decided", {}, T0),),
+            problems=(Problem("unmapped_status", "A1", MK, "no"),),
+        )
+    )
+
+    assert not ok
+    assert await store.load_order("A1") == before
+    assert await store.pending_hints() == 1
+    assert await store.pending_deliveries() == 0
+    assert await store.list_audit() == []
+    assert await store.list_problems() == []
+
+
+async def test_commit_without_an_order_key_records_only_audit_and_problems(
+    store: Store,
+) -> None:
+    await store.add_hints([hint("X-9")])
+    [batch] = await store.claim_hints(10, T0, LEASE)
+    entry = AuditEntry(None, "shoptet", "no_order_key", {"ref": "X-9"}, T0)
+    problem = Problem("no_order_key", None, "shoptet", "order has no code", ref="X-9")
+
+    ok = await store.commit_observation(
+        verdict(batch.hint_ids, key=None, ref="X-9", audit=(entry,), problems=(problem,))
+    )
+
+    assert ok
+    assert await store.pending_hints() == 0
+    assert await store.find_order_key("shoptet", "X-9") is None
+    assert await store.list_audit() == [entry]
+    [stored] = await store.list_problems()
+    assert (stored.kind, stored.order_key, stored.ref, stored.created_at) == (
+        "no_order_key",
+        None,
+        "X-9",
+        T0,
+    )
+
+
+async def test_a_ref_seen_on_another_order_moves_its_link(store: Store) -> None:
+    assert await store.commit_observation(verdict(key="A1", ref="X"))
+    assert await store.commit_observation(verdict(key="B2", ref="X", at=T0 + 1))
+
+    assert await store.find_order_key("shoptet", "X") == "B2"
+    a1 = await store.load_order("A1")
+    assert a1 is not None
+    # The old order keeps what it saw; only the link is gone.
+    assert a1.platforms["shoptet"] == PlatformState(None, "paid", T0)
+
+
+async def test_a_new_ref_for_the_same_order_replaces_the_old_one(store: Store) -> None:
+    assert await store.commit_observation(verdict(ref="X"))
+    assert await store.commit_observation(verdict(ref="Y", version=1))
+
+    assert await store.find_order_key("shoptet", "X") is None
+    assert await store.find_order_key("shoptet", "Y") == "A1"
+
+
+# -- desired writes (outbox) ----------------------------------------------------------------
+
+
+async def test_a_new_desire_is_pending_and_due_when_observed(store: Store) -> None:
+    await desire(store, "P", at=T0)
+
+    assert await store.pending_deliveries() == 1
+    assert await store.next_delivery_at(MK) == T0
+    assert await store.claim_deliveries(MK, 10, T0 - 0.001, LEASE) == []
+    assert await claim_one(store, T0) == Delivery(
+        order_key="A1",
+        platform=MK,
+        canonical="c-P",
+        native="P",
+        version=1,
+        attempts=0,
+        first_try_at=T0,
+        ref=None,
+        last_error=None,
+    )
+
+
+async def test_the_same_native_status_leaves_a_pending_row_alone(store: Store) -> None:
+    await desire(store, "P")
+    first = await claim_one(store, T0)
+    await store.retry_delivery(first, T0 + 100, "timeout", T0 + 1)
+
+    await desire(store, "P", at=T0 + 10)
+
+    assert await store.next_delivery_at(MK) == T0 + 100
+    again = await claim_one(store, T0 + 100)
+    assert (again.version, again.attempts, again.first_try_at, again.last_error) == (
+        1,
+        1,
+        T0,
+        "timeout",
+    )
+
+
+async def test_another_native_status_rearms_the_row(store: Store) -> None:
+    await desire(store, "P")
+    first = await claim_one(store, T0)
+    await store.retry_delivery(first, T0 + 100, "timeout", T0 + 1)
+
+    await desire(store, "Q", at=T0 + 10)
+
+    assert await store.next_delivery_at(MK) == T0 + 10
+    assert await claim_one(store, T0 + 10) == Delivery(
+        "A1", MK, "c-Q", "Q", version=2, attempts=0, first_try_at=T0 + 10, ref=None
+    )
+
+
+@pytest.mark.parametrize("outcome", ["complete", "fail"])
+async def test_a_finished_row_is_rearmed_even_for_the_same_status(
+    store: Store, outcome: str
+) -> None:
+    await desire(store, "P")
+    first = await claim_one(store, T0)
+    if outcome == "complete":
+        await store.complete_delivery(first, T0 + 1)
+    else:
+        await store.fail_delivery(first, "rejected", T0 + 1)
+    assert await store.pending_deliveries() == 0
+
+    await desire(store, "P", at=T0 + 10)
+
+    again = await claim_one(store, T0 + 10)
+    assert (again.version, again.attempts, again.last_error) == (2, 0, None)
+
+
+async def test_a_new_desire_keeps_the_lease_of_the_write_in_flight(store: Store) -> None:
+    await desire(store, "P")
+    await claim_one(store, T0)
+
+    await desire(store, "Q", at=T0 + 1)
+
+    # No second write for this order and platform while the first is out.
+    assert await store.claim_deliveries(MK, 10, T0 + 1, LEASE) == []
+    assert await store.next_delivery_at(MK) == T0 + 1
+    later = await claim_one(store, T0 + LEASE)
+    assert (later.native, later.version) == ("Q", 2)
+
+
+Outcome = Callable[[Store, Delivery, float], Awaitable[None]]
+OUTCOMES: dict[str, Outcome] = {
+    "complete": lambda store, d, now: store.complete_delivery(d, now),
+    "retry": lambda store, d, now: store.retry_delivery(d, now + 500, "timeout", now),
+    "fail": lambda store, d, now: store.fail_delivery(d, "rejected", now),
+}
+
+
+@pytest.mark.parametrize("outcome", sorted(OUTCOMES))
+async def test_reporting_a_stale_version_keeps_the_newest_desire(
+    store: Store, outcome: str
+) -> None:
+    await desire(store, "P")
+    stale = await claim_one(store, T0)
+    await desire(store, "Q", at=T0 + 1)
+
+    await OUTCOMES[outcome](store, stale, T0 + 2)
+
+    assert await store.pending_deliveries(MK) == 1
+    assert await store.list_problems() == []
+    # The lease is gone, so the newer desire goes out at once.
+    assert await claim_one(store, T0 + 2) == Delivery(
+        "A1", MK, "c-Q", "Q", version=2, attempts=0, first_try_at=T0 + 1, ref=None
+    )
+
+
+async def test_a_stale_completion_still_records_what_was_written(store: Store) -> None:
+    await desire(store, "P")
+    stale = await claim_one(store, T0)
+    await desire(store, "Q", at=T0 + 1)
+
+    await store.complete_delivery(stale, T0 + 2)
+
+    order = await store.load_order("A1")
+    assert order is not None
+    assert order.platforms[MK] == PlatformState(None, "P", T0 + 2, "P", T0 + 2)
+
+
+async def test_supersede_drops_the_pending_write(store: Store) -> None:
+    await desire(store, "P")
+    await desire(store, "R", target=BX)
+
+    await supersede(store, MK, at=T0 + 1)
+
+    assert await store.pending_deliveries(MK) == 0
+    assert await store.pending_deliveries(BX) == 1
+    assert await store.next_delivery_at(MK) is None
+    assert await store.claim_deliveries(MK, 10, T0 + 1, LEASE) == []
+
+
+async def test_a_superseded_write_in_flight_reports_back_harmlessly(store: Store) -> None:
+    await desire(store, "P")
+    in_flight = await claim_one(store, T0)
+    await supersede(store, MK, at=T0 + 1)
+
+    await store.fail_delivery(in_flight, "rejected", T0 + 2)
+    await store.retry_delivery(in_flight, T0 + 3, "timeout", T0 + 2)
+
+    assert await store.list_problems() == []
+    assert await store.pending_deliveries() == 0
+    await desire(store, "P", at=T0 + 5)
+    again = await claim_one(store, T0 + 5)
+    assert (again.native, again.attempts) == ("P", 0)
+
+
+async def test_supersede_without_a_pending_row_changes_nothing(store: Store) -> None:
+    await supersede(store, MK)
+    await desire(store, "P")
+    done = await claim_one(store, T0)
+    await store.complete_delivery(done, T0 + 1)
+
+    await supersede(store, MK, at=T0 + 2)
+
+    assert await store.pending_deliveries() == 0
+    order = await store.load_order("A1")
+    assert order is not None
+    assert order.platforms[MK].last_written == "P"
+
+
+# -- deliveries -----------------------------------------------------------------------------
+
+
+async def test_claim_deliveries_takes_the_longest_waiting_due_rows_of_one_platform(
+    store: Store,
+) -> None:
+    await desire(store, "P", key="K1", at=T0 + 2)
+    await desire(store, "P", key="K2", at=T0)
+    await desire(store, "P", key="K3", at=T0 + 1)
+    await desire(store, "P", key="K4", at=T0 + 3)
+    await desire(store, "P", key="K5", at=T0, target=BX)
+
+    first = await store.claim_deliveries(MK, 2, T0 + 2.5, LEASE)
+    second = await store.claim_deliveries(MK, 10, T0 + 2.5, LEASE)
+
+    assert [d.order_key for d in first] == ["K2", "K3"]
+    assert [d.order_key for d in second] == ["K1"]  # K4 is not due yet
+    assert [d.order_key for d in await store.claim_deliveries(BX, 10, T0, LEASE)] == ["K5"]
+
+
+async def test_rows_due_at_the_same_time_go_in_order_of_their_last_change(store: Store) -> None:
+    await desire(store, "P", key="K1")
+    await desire(store, "P", key="K2")
+    k1, k2 = await store.claim_deliveries(MK, 10, T0, LEASE)
+    await store.retry_delivery(k1, T0 + 50, "timeout", T0 + 3)
+    await store.retry_delivery(k2, T0 + 50, "timeout", T0 + 2)
+
+    first = await store.claim_deliveries(MK, 1, T0 + 50, LEASE)
+    both = await store.claim_deliveries(MK, 10, T0 + 50 + LEASE, LEASE)
+
+    assert [d.order_key for d in first] == ["K2"]
+    assert [d.order_key for d in both] == ["K2", "K1"]
+
+
+async def test_a_delivery_lease_expires(store: Store) -> None:
+    await desire(store, "P")
+    first = await claim_one(store, T0)
+
+    assert await store.claim_deliveries(MK, 10, T0 + LEASE - 0.001, LEASE) == []
+    assert await claim_one(store, T0 + LEASE) == first
+
+
+async def test_a_delivery_carries_the_learned_ref_of_its_target(store: Store) -> None:
+    await desire(store, "P", key="K1")
+    await desire(store, "P", key="K2")
+    await store.learn_ref("K1", MK, "mk-1")
+    await store.learn_ref("K2", BX, "bx-2")  # another platform's ref is not ours
+
+    k1, k2 = await store.claim_deliveries(MK, 10, T0, LEASE)
+
+    assert (k1.ref, k2.ref) == ("mk-1", None)
+
+
+async def test_complete_records_the_write_and_finishes_the_row(store: Store) -> None:
+    await store.learn_ref("A1", MK, "mk-1")
+    await desire(store, "P")
+    delivery = await claim_one(store, T0)
+    entry = AuditEntry("A1", MK, "written", {"native": "P", "took": 0.25}, T0 + 1)
+
+    await store.complete_delivery(delivery, T0 + 1, [entry])
+
+    assert await store.pending_deliveries() == 0
+    assert await store.next_delivery_at(MK) is None
+    assert await store.claim_deliveries(MK, 10, T0 + 1_000, LEASE) == []
+    order = await store.load_order("A1")
+    assert order is not None
+    assert order.platforms[MK] == PlatformState("mk-1", "P", T0 + 1, "P", T0 + 1)
+    assert await store.list_audit("A1") == [entry]
+
+
+async def test_retry_counts_the_attempt_and_waits(store: Store) -> None:
+    await desire(store, "P")
+    delivery = await claim_one(store, T0)
+
+    await store.retry_delivery(delivery, T0 + 60, "503 from MetaKocka", T0 + 1)
+
+    assert await store.pending_deliveries(MK) == 1
+    assert await store.next_delivery_at(MK) == T0 + 60
+    assert await store.claim_deliveries(MK, 10, T0 + 59, LEASE) == []
+    again = await claim_one(store, T0 + 60)
+    assert (again.version, again.attempts, again.first_try_at, again.last_error) == (
+        1,
+        1,
+        T0,
+        "503 from MetaKocka",
+    )
+
+
+async def test_fail_dead_letters_the_row_with_a_problem(store: Store) -> None:
+    await store.learn_ref("A1", MK, "mk-1")
+    await desire(store, "P")
+    delivery = await claim_one(store, T0)
+
+    await store.fail_delivery(delivery, "status P does not exist", T0 + 1)
+
+    assert await store.pending_deliveries() == 0
+    assert await store.claim_deliveries(MK, 10, T0 + 1_000, LEASE) == []
+    [problem] = await store.list_problems()
+    assert (
+        problem.kind,
+        problem.order_key,
+        problem.platform,
+        problem.reason,
+        problem.canonical,
+        problem.ref,
+        problem.created_at,
+    ) == ("delivery_failed", "A1", MK, "status P does not exist", "c-P", "mk-1", T0 + 1)
+
+
+async def test_next_delivery_at_and_pending_counts(store: Store) -> None:
+    assert await store.next_delivery_at(MK) is None
+    assert await store.pending_deliveries() == 0
+    await desire(store, "P", key="K1", at=T0 + 5)
+    await desire(store, "P", key="K2", at=T0 + 2)
+    await desire(store, "P", key="K3", at=T0, target=BX)
+    await claim_one(store, T0 + 2)  # leased rows still count and still set the time
+
+    assert await store.next_delivery_at(MK) == T0 + 2
+    assert await store.next_delivery_at(BX) == T0
+    assert await store.next_delivery_at("shoptet") is None
+    assert await store.pending_deliveries() == 3
+    assert await store.pending_deliveries(MK) == 2
+    assert await store.pending_deliveries("shoptet") == 0
+
+
+# -- learned refs ---------------------------------------------------------------------------
+
+
+async def test_learn_ref_links_a_platform_reference(store: Store) -> None:
+    await desire(store, "P")
+    await store.learn_ref("A1", MK, "mk-1")
+
+    assert await store.find_order_key(MK, "mk-1") == "A1"
+    order = await store.load_order("A1")
+    assert order is not None
+    assert order.platforms[MK] == PlatformState(ref="mk-1")
+    assert order.version == 1  # a learned ref is not a verdict
+
+
+async def test_learn_ref_keeps_what_was_seen_and_written(store: Store) -> None:
+    await desire(store, "P")
+    await store.complete_delivery(await claim_one(store, T0), T0 + 1)
+
+    await store.learn_ref("A1", MK, "mk-1")
+
+    order = await store.load_order("A1")
+    assert order is not None
+    assert order.platforms[MK] == PlatformState("mk-1", "P", T0 + 1, "P", T0 + 1)
+
+
+async def test_learn_ref_moves_the_link_and_replaces_the_old_ref(store: Store) -> None:
+    await store.learn_ref("A1", MK, "mk-1")
+    await store.learn_ref("B2", MK, "mk-1")
+    await store.learn_ref("B2", MK, "mk-2")
+
+    assert await store.find_order_key(MK, "mk-1") is None
+    assert await store.find_order_key(MK, "mk-2") == "B2"
+    a1 = await store.load_order("A1")
+    assert a1 is not None
+    assert a1.platforms[MK].ref is None
+
+
+async def test_learn_ref_before_the_first_verdict(store: Store) -> None:
+    await store.learn_ref("A1", MK, "mk-1")
+
+    assert await store.find_order_key(MK, "mk-1") == "A1"
+    assert await store.load_order("A1") == OrderState(
+        "A1", None, 0, {MK: PlatformState(ref="mk-1")}
+    )
+    # Still a new order for the worker: version 0.
+    assert await store.commit_observation(verdict(canonical="paid", version=0))
+
+
+# -- problems, watermarks, audit ------------------------------------------------------------
+
+
+async def test_problems_are_listed_newest_first(store: Store) -> None:
+    for i, at in enumerate([T0 + 1, T0, T0 + 1, T0 + 2]):
+        problem = Problem("unmapped_status", f"K{i}", "shoptet", f"status {i}", ref=f"R{i}")
+        assert await store.commit_observation(verdict(key=None, at=at, problems=(problem,)))
+
+    problems = await store.list_problems()
+    limited = await store.list_problems(limit=2)
+
+    assert [p.order_key for p in problems] == ["K3", "K2", "K0", "K1"]
+    assert [p.order_key for p in limited] == ["K3", "K2"]
+    assert len({p.id for p in problems}) == 4
+    assert (problems[0].reason, problems[0].ref, problems[0].canonical) == ("status 3", "R3", None)
+
+
+async def test_watermarks(store: Store) -> None:
+    assert await store.get_watermark("metakocka.orders") is None
+    await store.set_watermark("metakocka.orders", "2024-05-01T10:00:00+02:00")
+    await store.set_watermark("shoptet.orders", "a")
+    await store.set_watermark("metakocka.orders", "2024-05-01T10:05:00+02:00")
+
+    assert await store.get_watermark("metakocka.orders") == "2024-05-01T10:05:00+02:00"
+    assert await store.get_watermark("shoptet.orders") == "a"
+
+
+async def test_audit_is_newest_first_per_order_and_overall(store: Store) -> None:
+    def entry(key: str | None, at: float, n: int) -> AuditEntry:
+        return AuditEntry(key, "shoptet", "seen", {"n": n}, at)
+
+    # Written out of time order, and with ties: time decides, then the later record.
+    batches = [
+        (entry("A1", T0 + 2, 0), entry("B2", T0 + 1, 1)),
+        (entry("A1", T0 + 1, 2), entry(None, T0 + 3, 3)),
+        (entry("A1", T0 + 2, 4),),
+    ]
+    for audit in batches:
+        assert await store.commit_observation(verdict(key=None, audit=audit))
+
+    overall = await store.list_audit()
+    a1 = await store.list_audit("A1")
+
+    assert [e.detail["n"] for e in overall] == [3, 4, 0, 2, 1]
+    assert [e.detail["n"] for e in a1] == [4, 0, 2]
+    assert [e.detail["n"] for e in await store.list_audit(limit=2)] == [3, 4]
+    assert await store.list_audit("nobody") == []
+
+
+async def test_audit_detail_round_trips_as_json(store: Store) -> None:
+    detail: dict[str, Any] = {"from": "2", "to": None, "ids": [1, 2], "nested": {"ok": True}}
+    entry = AuditEntry("A1", None, "decided", detail, T0)
+    assert await store.commit_observation(verdict(audit=(entry,)))
+
+    detail["to"] = "changed after the commit"
+
+    assert await store.list_audit("A1") == [
+        AuditEntry("A1", None, "decided", {**detail, "to": None}, T0)
+    ]
+
+
+# -- property: nothing lost, nothing consumed twice -----------------------------------------
+
+REFS = [("shoptet", "A1"), ("shoptet", "B2"), (MK, "A1"), (MK, "9")]
+
+hint_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("add"),
+            st.lists(st.tuples(st.sampled_from(REFS), st.sampled_from([None, "s1", "s2"]))),
+        ),
+        st.tuples(st.just("claim"), st.integers(0, 3)),
+        st.tuples(st.just("commit"), st.integers(0, 5)),
+        st.tuples(st.just("release"), st.integers(0, 5)),
+        st.tuples(st.just("tick"), st.sampled_from([0.5, 10.0, LEASE])),
+    ),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=hint_ops)
+def test_every_hint_is_consumed_exactly_once(
+    store_factory: Callable[[Path], Store], ops: list[tuple[Any, ...]]
+) -> None:
+    async def scenario(store: Store) -> None:
+        now = T0
+        added: dict[int, tuple[str, str]] = {}
+        consumed: list[int] = []
+        held: list[tuple[HintBatch, float]] = []  # batches a live worker holds, with its lease
+
+        def live_ids() -> set[int]:
+            return {i for batch, until in held if until > now for i in batch.hint_ids}
+
+        for op, arg in ops:
+            if op == "add":
+                await store.add_hints(
+                    [NewHint(p, r, "order:update", now, seen) for (p, r), seen in arg]
+                )
+                first = max(added, default=0) + 1
+                added.update({first + n: ref for n, (ref, _) in enumerate(arg)})
+            elif op == "claim":
+                batches = await store.claim_hints(arg, now, LEASE)
+                assert len(batches) <= arg
+                assert len({(b.platform, b.ref) for b in batches}) == len(batches)
+                leased = live_ids()
+                waiting = set(added) - set(consumed)
+                for batch in batches:
+                    ids = set(batch.hint_ids)
+                    assert not ids & leased, "a hint leased to a live worker was handed out"
+                    # A group is all the waiting hints of its order.
+                    assert ids == {i for i in waiting if added[i] == (batch.platform, batch.ref)}
+                held = [(b, u) for b, u in held if u > now]  # expired holders are dead workers
+                held += [(b, now + LEASE) for b in batches]
+            elif op in ("commit", "release") and held:
+                batch, until = held.pop(arg % len(held))
+                if until <= now:
+                    continue
+                if op == "commit":
+                    assert await store.commit_observation(
+                        verdict(batch.hint_ids, key=None, ref=batch.ref, platform=batch.platform)
+                    )
+                    consumed += batch.hint_ids
+                else:
+                    await store.release_hints(batch.hint_ids, now)
+            elif op == "tick":
+                now += arg
+            assert await store.pending_hints() == len(added) - len(consumed)
+
+        # Every worker dies; whatever is left is claimed and consumed once.
+        now += LEASE
+        while batches := await store.claim_hints(2, now, LEASE):
+            for batch in batches:
+                assert await store.commit_observation(
+                    verdict(batch.hint_ids, key=None, ref=batch.ref, platform=batch.platform)
+                )
+                consumed += batch.hint_ids
+        assert sorted(consumed) == sorted(added)
+        assert await store.pending_hints() == 0
+
+    with tempfile.TemporaryDirectory() as directory:
+        store = store_factory(Path(directory))
+
+        async def main() -> None:
+            await store.open()
+            try:
+                await scenario(store)
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+
+
+# -- property: the fake and SQLite agree on any sequence of outbox operations ---------------
+
+outbox_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("desire"),
+            st.sampled_from(["A1", "B2"]),
+            st.sampled_from([MK, BX]),
+            st.sampled_from(["P", "Q"]),
+        ),
+        st.tuples(st.just("supersede"), st.sampled_from(["A1", "B2"]), st.sampled_from([MK, BX])),
+        st.tuples(st.just("claim"), st.sampled_from([MK, BX]), st.integers(1, 2)),
+        st.tuples(
+            st.just("report"), st.sampled_from(["complete", "retry", "fail"]), st.integers(0, 5)
+        ),
+        st.tuples(st.just("learn"), st.sampled_from(["A1", "B2"]), st.sampled_from(["r1", "r2"])),
+        st.tuples(st.just("link"), st.sampled_from(["A1", "B2"]), st.sampled_from(["x", "y"])),
+        st.tuples(st.just("tick"), st.sampled_from([1.0, LEASE])),
+    ),
+    max_size=20,
+)
+
+
+async def apply(store: Store, op: tuple[Any, ...], now: float, held: list[Delivery]) -> Any:
+    """Run one operation; return everything it lets us observe."""
+    kind = op[0]
+    if kind == "desire":
+        _, key, target, native = op
+        await desire(store, native, key=key, target=target, at=now)
+    elif kind == "supersede":
+        await supersede(store, op[2], key=op[1], at=now)
+    elif kind == "claim":
+        claimed = await store.claim_deliveries(op[1], op[2], now, LEASE)
+        held.extend(claimed)
+        return claimed
+    elif kind == "report" and held:
+        delivery = held.pop(op[2] % len(held))
+        await OUTCOMES[op[1]](store, delivery, now)
+    elif kind == "learn":
+        await store.learn_ref(op[1], MK, op[2])
+    elif kind == "link":
+        key = op[1]
+        await store.commit_observation(
+            verdict(key=key, ref=op[2], version=await version_of(store, key), at=now)
+        )
+    return None
+
+
+async def observe(store: Store) -> Any:
+    return (
+        [await store.load_order(key) for key in ("A1", "B2")],
+        [await store.find_order_key(p, r) for p in ("shoptet", MK) for r in ("x", "y", "r1", "r2")],
+        [await store.next_delivery_at(p) for p in (MK, BX)],
+        await store.pending_deliveries(),
+        await store.list_problems(),
+        await store.list_audit(),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=outbox_ops)
+def test_memory_and_sqlite_agree(ops: list[tuple[Any, ...]]) -> None:
+    async def main(directory: str) -> None:
+        stores: list[Store] = [MemoryStore(), SQLiteStore(str(Path(directory) / "b.sqlite3"))]
+        for store in stores:
+            await store.open()
+        try:
+            now = T0
+            held: list[list[Delivery]] = [[], []]
+            for op in ops:
+                if op[0] == "tick":
+                    now += op[1]
+                    continue
+                results = [await apply(s, op, now, h) for s, h in zip(stores, held, strict=True)]
+                assert results[0] == results[1], op
+                assert await observe(stores[0]) == await observe(stores[1]), op
+        finally:
+            for store in stores:
+                await store.close()
+
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(main(directory))
