@@ -54,6 +54,8 @@ class StatusMapping:
     platforms: frozenset[str]
     backward: frozenset[tuple[str, str]]  # allowed (from, to); either side may be "*"
     source: str = "<memory>"
+    # Platforms by authority, most trusted first: breaks ties between equally ranked statuses.
+    authority: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         index: dict[tuple[str, str], str] = {}
@@ -73,6 +75,12 @@ class StatusMapping:
 
     def rank(self, canonical: str) -> int:
         return self.statuses[canonical].rank
+
+    def authority_index(self, platform: str) -> int:
+        try:
+            return self.authority.index(platform)
+        except ValueError:
+            return len(self.authority)
 
     def allows_backward(self, from_status: str, to_status: str) -> bool:
         b = self.backward
@@ -101,10 +109,10 @@ def parse_mapping(
     def fail(key: str, reason: str) -> MappingError:
         return MappingError(file, key, reason)
 
-    unknown = set(data) - {"statuses", "backward"}
+    unknown = set(data) - {"statuses", "backward", "authority"}
     if unknown:
         key = sorted(unknown)[0]
-        raise fail(key, "unknown key (expected [statuses.<name>] tables and [[backward]] rules)")
+        raise fail(key, "unknown key (expected authority, [statuses.<name>] and [[backward]])")
     statuses_raw = data.get("statuses")
     if not isinstance(statuses_raw, dict) or not statuses_raw:
         raise fail("statuses", "at least one [statuses.<name>] table is required")
@@ -190,7 +198,18 @@ def parse_mapping(
             pair.append(value)
         backward.add((pair[0], pair[1]))
 
-    return StatusMapping(statuses, frozenset(used_platforms), frozenset(backward), file)
+    authority = data.get("authority", list(platforms))
+    if not isinstance(authority, list) or not all(isinstance(p, str) for p in authority):
+        raise fail("authority", "must be a list of platform names, most trusted first")
+    for i, platform in enumerate(authority):
+        if platform not in platforms:
+            raise fail(f"authority[{i}]", f"unknown platform {platform!r}")
+    if len(set(authority)) != len(authority):
+        raise fail("authority", "names a platform twice")
+    order = tuple(p for p in authority if p in used_platforms)
+    order += tuple(sorted(used_platforms - set(order)))
+
+    return StatusMapping(statuses, frozenset(used_platforms), frozenset(backward), file, order)
 
 
 def _native(fail: Any, key: str, value: Any, spec: PlatformSpec) -> str:

@@ -125,6 +125,8 @@ class Observation:
     native_status: str | None = None
     expected_version: int = 0  # the order's version when it was read; 0 for a new order
     new_canonical: str | None = None  # set when the agreed status changes
+    # What other platforms showed when read alongside (an order's first sighting).
+    sightings: tuple[Snapshot, ...] = ()
     desired: tuple[DesiredWrite, ...] = ()
     # Platforms whose pending write is no longer wanted (they already show the agreed status).
     supersede: tuple[str, ...] = ()

@@ -12,15 +12,16 @@ from typing import Literal
 from bridge.mapping import StatusMapping
 from bridge.models import DesiredWrite, OrderState
 
-VerdictKind = Literal["advance", "same", "echo", "regress", "unmapped"]
+VerdictKind = Literal["advance", "same", "echo", "regress", "catch_up", "unmapped"]
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     kind: VerdictKind
     canonical: str | None  # what the source's native status means (None if unmapped)
+    agreed: str | None = None  # the agreed status after this verdict
     writes: tuple[DesiredWrite, ...] = ()
-    # Platforms whose pending write is moot: they show the status already (the source included).
+    # Platforms whose pending write is moot: they show the agreed status already.
     supersede: tuple[str, ...] = ()
     reason: str = ""
 
@@ -35,53 +36,93 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
     * unmapped: the mapping has no canonical status for it; nothing moves, an operator is told;
     * echo: the source shows what the bridge itself wrote there — nothing to do;
     * same: the source agrees with the agreed status already (a repeat, or a person caught up);
-    * regress: the status ranks below the agreed one and the mapping allows no such way back
-      (a late webhook, a slow poll): nothing is propagated;
-    * advance: a new agreed status; every other platform that does not already show it gets a
-      desired write. A sideways move (equal rank) is an advance too: the newest change wins.
+    * advance: a new agreed status; every platform that does not show it yet gets a desired
+      write. A sideways move (equal rank) is an advance too: the newest change wins. With no
+      agreement yet (an order's first sighting), the most advanced status any platform shows
+      wins — rank first, then the mapping's platform authority — so a first sighting never
+      drags another platform backwards;
+    * regress: the source moved below the agreed status, the mapping allows no such way back
+      (a late webhook, a slow poll, a mistaken click): nothing is propagated;
+    * catch_up: the source shows a lower status but had never been seen with this order (an
+      order just imported there): it is behind, not moving back, so it gets the agreed status.
     """
     canonical = mapping.canonical_for(source, native)
     if canonical is None:
         return Verdict("unmapped", None, reason=f"{source} status {native!r} is not in the mapping")
 
+    known = _known_canonicals(mapping, order, source)
     agreed = order.canonical if order else None
-    if canonical == agreed:
-        assert order is not None
-        mine = order.platforms.get(source)
-        if mine is not None and mine.last_written == native:
-            return Verdict(
-                "echo", canonical, supersede=(source,), reason="the bridge's own write came back"
-            )
+    if agreed is None or agreed not in mapping.statuses:
+        candidates = {**known, source: canonical}
+        winner = max(
+            candidates,
+            key=lambda p: (mapping.rank(candidates[p]), -mapping.authority_index(p)),
+        )
+        agreed = candidates[winner]
+        writes, already = _writes(mapping, agreed, {**known, source: canonical}, exclude=None)
+        via = f" (shown by {winner})" if winner != source else ""
         return Verdict(
-            "same", canonical, supersede=(source,), reason=f"already agreed on {canonical!r}"
+            "advance", canonical, agreed, writes, already, f"first agreement on {agreed!r}{via}"
         )
 
-    if (
-        agreed is not None
-        and agreed in mapping.statuses
-        and mapping.rank(canonical) < mapping.rank(agreed)
-        and not mapping.allows_backward(agreed, canonical)
+    if canonical == agreed:
+        mine = order.platforms.get(source) if order else None
+        if mine is not None and mine.last_written == native:
+            return Verdict(
+                "echo", canonical, agreed, supersede=(source,), reason="own write came back"
+            )
+        return Verdict(
+            "same", canonical, agreed, supersede=(source,), reason=f"agreed on {agreed!r}"
+        )
+
+    if mapping.rank(canonical) < mapping.rank(agreed) and not mapping.allows_backward(
+        agreed, canonical
     ):
+        mine = order.platforms.get(source) if order else None
+        if mine is None or mine.last_seen is None:
+            target = mapping.target_for(source, agreed)
+            return Verdict(
+                "catch_up",
+                canonical,
+                agreed,
+                (DesiredWrite(source, agreed, target.native),),
+                reason=f"{source} first seen at {canonical!r}, behind the agreed {agreed!r}",
+            )
         return Verdict(
             "regress",
             canonical,
+            agreed,
             reason=f"{canonical!r} ranks below the agreed {agreed!r}; no backward rule allows it",
         )
 
-    writes = []
-    already = [source]
-    for platform in sorted(mapping.platforms - {source}):
-        target = mapping.target_for(platform, canonical)
-        known = order.platforms.get(platform) if order else None
-        if (
-            known is not None
-            and known.last_seen is not None
-            and mapping.canonical_for(platform, known.last_seen) == canonical
-        ):
+    writes, already = _writes(mapping, canonical, {**known, source: canonical}, exclude=source)
+    return Verdict(
+        "advance", canonical, canonical, writes, already, f"from {agreed!r} to {canonical!r}"
+    )
+
+
+def _known_canonicals(
+    mapping: StatusMapping, order: OrderState | None, source: str
+) -> dict[str, str]:
+    """What each other platform was last seen showing, as canonical statuses (mapped only)."""
+    known: dict[str, str] = {}
+    for platform, state in (order.platforms if order else {}).items():
+        if platform == source or state.last_seen is None:
+            continue
+        canonical = mapping.canonical_for(platform, state.last_seen)
+        if canonical is not None:
+            known[platform] = canonical
+    return known
+
+
+def _writes(
+    mapping: StatusMapping, agreed: str, showing: dict[str, str], exclude: str | None
+) -> tuple[tuple[DesiredWrite, ...], tuple[str, ...]]:
+    """Writes for every platform not showing ``agreed``; and the platforms that already do."""
+    writes, already = [], []
+    for platform in sorted(mapping.platforms):
+        if platform == exclude or showing.get(platform) == agreed:
             already.append(platform)  # a write would only repeat its side effects
             continue
-        writes.append(DesiredWrite(platform, canonical, target.native))
-    was = f"from {agreed!r}" if agreed else "first sighting"
-    return Verdict(
-        "advance", canonical, tuple(writes), tuple(already), reason=f"{was} to {canonical!r}"
-    )
+        writes.append(DesiredWrite(platform, agreed, mapping.target_for(platform, agreed).native))
+    return tuple(writes), tuple(already)

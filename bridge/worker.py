@@ -13,10 +13,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from bridge.mapping import StatusMapping
 from bridge.metrics import Metrics
-from bridge.models import AuditEntry, HintBatch, Observation, Problem
+from bridge.models import (
+    AuditEntry,
+    HintBatch,
+    Observation,
+    OrderState,
+    PlatformState,
+    Problem,
+    Snapshot,
+)
 from bridge.platforms.base import PlatformClient, ReadFailed
 from bridge.policy import decide
 from bridge.store.base import Store
@@ -24,6 +33,20 @@ from bridge.store.base import Store
 log = logging.getLogger("bridge.worker")
 
 MAX_DECISION_ATTEMPTS = 5
+
+
+def _with_sightings(
+    order: OrderState | None, order_key: str, sightings: list[Snapshot]
+) -> OrderState | None:
+    """The order as the decision should see it: stored state plus what was just read."""
+    if not sightings:
+        return order
+    base = order or OrderState(order_key, None, 0)
+    platforms = dict(base.platforms)
+    for s in sightings:
+        known = platforms.get(s.platform, PlatformState())
+        platforms[s.platform] = replace(known, ref=s.ref, last_seen=s.native_status)
+    return replace(base, platforms=platforms)
 
 
 class Worker:
@@ -136,16 +159,25 @@ class Worker:
             )
             return
 
+        # Never write blind: a platform the bridge has not yet seen with this order is read
+        # first, so a first sighting cannot drag a platform that is further along backwards.
+        sightings = await self._read_unseen(batch, order_key, await store.load_order(order_key))
+        if sightings is None:
+            return
         for _ in range(MAX_DECISION_ATTEMPTS):
             order = await store.load_order(order_key)
-            verdict = decide(self._mapping, platform, native, order)
+            verdict = decide(
+                self._mapping, platform, native, _with_sightings(order, order_key, sightings)
+            )
             now = self._clock()
             detail = {
                 "ref": ref,
                 "native": native,
                 "canonical": verdict.canonical,
                 "agreed_before": order.canonical if order else None,
+                "agreed": verdict.agreed,
                 "hints": len(batch.hint_ids),
+                "seen_elsewhere": {s.platform: s.native_status for s in sightings},
                 "writes": {w.platform: w.native for w in verdict.writes},
                 "reason": verdict.reason,
             }
@@ -162,7 +194,8 @@ class Worker:
                 order_key=order_key,
                 native_status=native,
                 expected_version=order.version if order else 0,
-                new_canonical=verdict.canonical if verdict.changes_agreement else None,
+                new_canonical=verdict.agreed if verdict.changes_agreement else None,
+                sightings=tuple(sightings),
                 desired=verdict.writes,
                 supersede=verdict.supersede,
                 audit=(AuditEntry(order_key, platform, verdict.kind, detail, now),),
@@ -172,6 +205,8 @@ class Worker:
                 self._metrics.verdicts.labels(platform, verdict.kind).inc()
                 if verdict.kind in ("regress", "unmapped"):
                     log.warning("%s order %s: %s", platform, order_key, verdict.reason)
+                elif verdict.kind in ("echo", "same"):
+                    log.debug("%s order %s: %s", platform, order_key, verdict.kind)
                 else:
                     log.info(
                         "%s order %s: %s (%s)", platform, order_key, verdict.kind, verdict.reason
@@ -181,6 +216,29 @@ class Worker:
                 return
             # Another worker changed the order between our load and commit: decide again.
         raise RuntimeError(f"order {order_key} kept changing under the worker")
+
+    async def _read_unseen(
+        self, batch: HintBatch, order_key: str, order: OrderState | None
+    ) -> list[Snapshot] | None:
+        """Read the order on every other platform it has not been seen on; None: try later."""
+        sightings = []
+        for other in sorted(self._mapping.platforms - {batch.platform}):
+            state = order.platforms.get(other) if order else None
+            if state is not None and state.last_seen is not None:
+                continue
+            client = self._clients.get(other)
+            if client is None:
+                continue
+            try:
+                snapshot = await client.read_by_key(order_key)
+            except ReadFailed as exc:
+                log.warning("reading %s order %s failed: %s", other, order_key, exc.reason)
+                retry_at = self._clock() + (exc.retry_after or self._read_retry)
+                await self._store.release_hints(batch.hint_ids, retry_at)
+                return None
+            if snapshot is not None:
+                sightings.append(snapshot)
+        return sightings
 
     async def _consume_with_problem(
         self, batch: HintBatch, order_key: str | None, kind: str, reason: str

@@ -96,6 +96,10 @@ class PlatformClient(ABC):
         """The order's current status by the platform's own reference; None if not found."""
 
     @abstractmethod
+    async def read_by_key(self, order_key: str) -> Snapshot | None:
+        """The order's current status by the cross-platform order key; None if not found."""
+
+    @abstractmethod
     async def write(self, request: WriteRequest) -> Outcome:
         """Drive one order to a native status. Never raises for HTTP or network trouble."""
 

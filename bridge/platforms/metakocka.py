@@ -152,15 +152,22 @@ class MetaKockaClient(PlatformClient):
             raise ReadFailed(f"{method}: answer is not JSON") from None
 
     async def read(self, ref: str) -> Snapshot | None:
+        return await self._get_document({"doc_id": ref})
+
+    async def read_by_key(self, order_key: str) -> Snapshot | None:
+        # The shop's order number is the sales order's buyer_order ("Naročilo kupca").
+        return await self._get_document({"buyer_order": order_key})
+
+    async def _get_document(self, which: dict[str, str]) -> Snapshot | None:
         try:
-            body = await self._call("get_document", {"doc_type": "sales_order", "doc_id": ref})
+            body = await self._call("get_document", {"doc_type": "sales_order", **which})
         except httpx.HTTPError as exc:
-            raise ReadFailed(f"get_document {ref}: {exc!r}") from exc
+            raise ReadFailed(f"get_document {which}: {exc!r}") from exc
         outcome = classify_answer(body)
         if outcome.kind == "not_found":
             return None
         if outcome.kind != "done":
-            raise ReadFailed(f"get_document {ref}: {outcome.reason}")
+            raise ReadFailed(f"get_document {which}: {outcome.reason}")
         return snapshot_from_document(body)
 
     async def _change(self, body: dict[str, Any]) -> Outcome:

@@ -246,6 +246,9 @@ class ShoptetClient(PlatformClient):
             raise ReadFailed(f"GET order {ref}: {_describe(response.status_code, body)}", wait)
         return snapshot_from_order(body, ref)
 
+    async def read_by_key(self, order_key: str) -> Snapshot | None:
+        return await self.read(order_key)  # the order key is the Shoptet order code
+
     async def write(self, request: WriteRequest) -> Outcome:
         assert isinstance(request.options, ShoptetOptions)
         code = request.ref or request.order_key

@@ -7,8 +7,10 @@ call between them is real HTTP over a real socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -72,3 +74,30 @@ class ServerThread:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.asynccontextmanager
+async def serve_in_loop(app: Any, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn in the *current* event loop; yields its base URL.
+
+    Tests use it for the bridge, so they can look into its store from the same loop while
+    every call to and from it is still real HTTP.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped during start-up")
+            await asyncio.sleep(0.005)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

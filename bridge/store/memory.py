@@ -143,15 +143,18 @@ class MemoryStore(Store):
                 order.canonical = obs.new_canonical
             order.version += 1
 
-            self._link(key, obs.platform, obs.ref)
-            old = order.platforms.get(obs.platform, PlatformState())
-            order.platforms[obs.platform] = PlatformState(
-                ref=obs.ref,
-                last_seen=obs.native_status if obs.native_status is not None else old.last_seen,
-                last_seen_at=obs.observed_at if obs.native_status is not None else old.last_seen_at,
-                last_written=old.last_written,
-                last_written_at=old.last_written_at,
-            )
+            seen = [(obs.platform, obs.ref, obs.native_status)]
+            seen += [(s.platform, s.ref, s.native_status) for s in obs.sightings]
+            for platform, ref, native in seen:
+                self._link(key, platform, ref)
+                old = order.platforms.get(platform, PlatformState())
+                order.platforms[platform] = PlatformState(
+                    ref=ref,
+                    last_seen=native if native is not None else old.last_seen,
+                    last_seen_at=obs.observed_at if native is not None else old.last_seen_at,
+                    last_written=old.last_written,
+                    last_written_at=old.last_written_at,
+                )
 
             at = obs.observed_at
             for want in obs.desired:

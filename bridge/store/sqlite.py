@@ -463,13 +463,15 @@ class SQLiteStore(Store):
                     conn.execute("ROLLBACK")
                     return False
                 conn.execute(_UPSERT_ORDER, {"key": key, "canonical": obs.new_canonical})
-                seen = obs.native_status
-                link = {"key": key, "platform": obs.platform, "ref": obs.ref}
-                conn.execute(_UNLINK_REF, link)
-                conn.execute(
-                    _UPSERT_SEEN,
-                    {**link, "seen": seen, "seen_at": None if seen is None else obs.observed_at},
-                )
+                sightings = [(obs.platform, obs.ref, obs.native_status)]
+                sightings += [(s.platform, s.ref, s.native_status) for s in obs.sightings]
+                for platform, ref, seen in sightings:
+                    link = {"key": key, "platform": platform, "ref": ref}
+                    conn.execute(_UNLINK_REF, link)
+                    conn.execute(
+                        _UPSERT_SEEN,
+                        {**link, "seen": seen, "seen_at": None if seen is None else obs.observed_at},
+                    )
                 at = obs.observed_at
                 if obs.desired:
                     conn.executemany(

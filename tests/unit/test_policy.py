@@ -17,9 +17,29 @@ def order(canonical: str | None, **platforms: PlatformState) -> OrderState:
 
 # Shoptet ids of the example: new -1, paid 2, processing -2 (or 4), shipped 3, completed -3, cancelled -4.
 CASES = [
-    # (name, source, native, order, kind, canonical, writes, supersede)
+    # (name, source, native, order, kind, agreed, writes, supersede)
     ("first sighting", S, "-1", None, "advance", "new", {M: "new_order"}, (S,)),
     ("first sighting from MK", M, "created", None, "advance", "new", {S: "-1"}, (M,)),
+    (
+        "first sighting: another platform is further along and wins",
+        M,
+        "new_order",
+        order(None, shoptet=PlatformState(ref="2026000042", last_seen="2")),
+        "advance",
+        "paid",
+        {M: "in_progress"},
+        (S,),
+    ),
+    (
+        "first sighting: both agree already, nothing to write",
+        S,
+        "2",
+        order(None, metakocka=PlatformState(ref="1", last_seen="in_progress")),
+        "advance",
+        "paid",
+        {},
+        (M, S),
+    ),
     ("forward move", S, "2", order("new"), "advance", "paid", {M: "in_progress"}, (S,)),
     ("skip a stage", M, "shipped", order("new"), "advance", "shipped", {S: "3"}, (M,)),
     ("repeat of the agreed status", S, "2", order("paid"), "same", "paid", {}, (S,)),
@@ -34,7 +54,26 @@ CASES = [
         {},
         (S,),
     ),
-    ("late webhook: lower rank", S, "2", order("shipped"), "regress", "paid", {}, ()),
+    (
+        "a known platform moving back is a regress",
+        S,
+        "2",
+        order("shipped", shoptet=PlatformState(ref="2026000042", last_seen="3")),
+        "regress",
+        "shipped",
+        {},
+        (),
+    ),
+    (
+        "a platform never seen before that is behind catches up",
+        S,
+        "2",
+        order("shipped"),
+        "catch_up",
+        "shipped",
+        {S: "3"},
+        (),
+    ),
     (
         "backward rule allows reopening",
         S,
@@ -85,7 +124,7 @@ CASES = [
         "advance",
         "paid",
         {},
-        (S, M),
+        (M, S),
     ),
     (
         "a target showing an older status gets the write",
@@ -101,7 +140,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    ("source", "native", "state", "kind", "canonical", "writes", "supersede"),
+    ("source", "native", "state", "kind", "agreed", "writes", "supersede"),
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
@@ -110,24 +149,43 @@ def test_decide(
     native: str,
     state: OrderState | None,
     kind: str,
-    canonical: str | None,
+    agreed: str | None,
     writes: dict[str, str],
     supersede: tuple[str, ...],
 ) -> None:
     verdict = decide(MAPPING, source, native, state)
     assert verdict.kind == kind, verdict.reason
-    assert verdict.canonical == canonical
+    assert verdict.agreed == agreed
+    assert verdict.canonical == MAPPING.canonical_for(source, native)
     assert verdict.writes == tuple(
-        DesiredWrite(p, canonical or "", n) for p, n in sorted(writes.items())
+        DesiredWrite(p, agreed or "", n) for p, n in sorted(writes.items())
     )
     assert verdict.supersede == supersede
     assert verdict.reason
     assert verdict.changes_agreement is (kind == "advance")
 
 
-def test_no_write_ever_goes_back_to_the_source() -> None:
+def test_a_first_sighting_never_writes_back_to_the_source_alone() -> None:
     for status in MAPPING.statuses.values():
         for platform in MAPPING.platforms:
             for native in status.inbound[platform]:
                 verdict = decide(MAPPING, platform, native, None)
                 assert platform not in {w.platform for w in verdict.writes}
+
+
+def test_equal_rank_ties_are_broken_by_authority() -> None:
+    from bridge.mapping import parse_mapping
+    from bridge.platforms import PLATFORMS
+
+    data = {
+        "authority": ["metakocka", "shoptet"],
+        "statuses": {
+            "a": {"rank": 1, "shoptet": {"target": 1}, "metakocka": {"target": "a"}},
+            "b": {"rank": 1, "shoptet": {"target": 2}, "metakocka": {"target": "b"}},
+        },
+    }
+    mapping = parse_mapping(data, PLATFORMS)
+    state = order(None, metakocka=PlatformState(ref="1", last_seen="b"))
+    verdict = decide(mapping, S, "1", state)
+    assert verdict.agreed == "b"  # MetaKocka is trusted more
+    assert verdict.writes == (DesiredWrite(S, "b", "2"),)

@@ -1,0 +1,176 @@
+"""A world of simulators and one bridge, all talking real HTTP on loopback.
+
+The simulators run in their own threads (like remote services); the bridge runs in the test's
+event loop, so tests can look into its store directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from bridge.config import Settings
+from bridge.mapping import load_mapping
+from bridge.platforms import PLATFORMS
+from bridge.sandbox.metakocka import MetaKockaSimulator
+from bridge.sandbox.server import ServerThread, serve_in_loop
+from bridge.sandbox.shoptet import ShoptetSimulator
+from bridge.service import Bridge
+
+EXAMPLE_MAPPING = Path(__file__).parents[2] / "bridge" / "mapping.example.toml"
+MAPPING = load_mapping(EXAMPLE_MAPPING, PLATFORMS)
+
+# Shoptet ids and MetaKocka Opis values of the example mapping.
+SHOPTET = {"new": -1, "paid": 2, "processing": -2, "shipped": 3, "completed": -3, "cancelled": -4}
+MK = {
+    "new": "new_order",
+    "paid": "in_progress",
+    "processing": "ready_to_ship",
+    "shipped": "shipped",
+}
+
+
+@dataclass
+class World:
+    shoptet: ShoptetSimulator
+    shoptet_url: str
+    metakocka: MetaKockaSimulator
+    metakocka_url: str
+    tmp: Path
+    bridge: Bridge | None = None
+    bridge_url: str = ""
+    mk_ids: dict[str, str] = field(default_factory=dict)
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": f"sqlite:///{self.tmp / 'bridge.sqlite3'}",
+            "mapping_file": EXAMPLE_MAPPING,
+            "shoptet_base_url": self.shoptet_url,
+            "shoptet_api_token": SecretStr(self.shoptet.token),
+            "shoptet_webhook_key": SecretStr(self.shoptet.signature_key),
+            "shoptet_eshop_id": self.shoptet.eshop_id,
+            "metakocka_base_url": f"{self.metakocka_url}/rest/eshop/v1",
+            "metakocka_company_id": self.metakocka.company_id,
+            "metakocka_secret_key": SecretStr(self.metakocka.secret_key),
+            "metakocka_poll_interval_seconds": 0.3,
+            "metakocka_poll_overlap_seconds": 2.0,
+            "idle_check_seconds": 0.05,
+            "read_retry_seconds": 0.1,
+            "retry_base_seconds": 0.05,
+            "retry_cap_seconds": 0.3,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    def add_order(self, code: str, canonical: str = "new") -> str:
+        self.shoptet.add_order(code, SHOPTET[canonical])
+        mk_id = self.metakocka.add_order(code, MK[canonical])
+        self.mk_ids[code] = mk_id
+        return mk_id
+
+    def shoptet_status(self, code: str) -> int:
+        return int(self.shoptet.order(code)["status"]["id"])
+
+    def mk_status(self, code: str) -> str:
+        return str(self.metakocka.order(self.mk_ids[code])["status_desc"])
+
+    def shoptet_patches(self, code: str | None = None) -> list[Any]:
+        return [
+            r
+            for r in self.shoptet.requests
+            if r.method == "PATCH" and (code is None or r.path == f"/api/orders/{code}/status")
+        ]
+
+    def mk_changes(self, code: str | None = None, *, succeeded: bool = True) -> list[Any]:
+        """change_document_status calls (the successful ones) touching order ``code``."""
+        calls = []
+        for call in self.metakocka.requests:
+            if call.method != "change_document_status" or call.body is None:
+                continue
+            if succeeded and (call.answer is None or call.answer.get("opr_code") != "0"):
+                continue
+            ids = [call.body.get("mk_id")] + [str(i) for i in call.body.get("mk_id_list") or []]
+            if code is None or self.mk_ids[code] in ids or call.body.get("buyer_order") == code:
+                calls.append(call)
+        return calls
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], within: float = 10.0, what: str = ""
+) -> None:
+    """Wait until ``check`` (plain or async) holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+async def agreed_on(world: World, code: str, canonical: str) -> bool:
+    assert world.bridge is not None
+    order = await world.bridge.store.load_order(code)
+    return order is not None and order.canonical == canonical and len(order.platforms) == 2
+
+
+async def audit_has(world: World, kind: str, **detail: Any) -> bool:
+    assert world.bridge is not None
+    for entry in await world.bridge.store.list_audit(limit=1000):
+        if entry.kind == kind and all(entry.detail.get(k) == v for k, v in detail.items()):
+            return True
+    return False
+
+
+async def settle(world: World, seconds: float = 1.0) -> None:
+    """Let echoes come back and pollers run (for asserting that nothing *more* happens)."""
+    # In a thread: the bridge answering those webhooks runs in this event loop.
+    await asyncio.to_thread(world.shoptet.wait_webhooks_idle)
+    await asyncio.sleep(seconds)
+    await asyncio.to_thread(world.shoptet.wait_webhooks_idle)
+
+
+@pytest.fixture
+def sims(tmp_path: Path) -> Iterator[World]:
+    shoptet = ShoptetSimulator(webhook_retry_delay=0.2, lock_seconds=0.05)
+    metakocka = MetaKockaSimulator()
+    with ServerThread(shoptet.app) as s, ServerThread(metakocka.app) as m:
+        yield World(shoptet, s.url, metakocka, m.url, tmp_path)
+    shoptet.close()
+
+
+@pytest.fixture
+async def world(sims: World) -> AsyncIterator[World]:
+    """The simulators plus a running bridge, with Shoptet's order:update webhook pointed at it."""
+    async with running_bridge(sims):
+        yield sims
+
+
+class running_bridge:
+    def __init__(self, world: World, register_webhook: bool = True, **overrides: Any) -> None:
+        self.world = world
+        self.register = register_webhook
+        self.overrides = overrides
+        self._cm: Any = None
+
+    async def __aenter__(self) -> Bridge:
+        bridge = Bridge(self.world.settings(**self.overrides), mapping=MAPPING)
+        self._cm = serve_in_loop(bridge.app)
+        url = await self._cm.__aenter__()
+        self.world.bridge, self.world.bridge_url = bridge, url
+        if self.register:
+            self.world.shoptet.register_webhook("order:update", f"{url}/webhooks/shoptet")
+        return bridge
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._cm.__aexit__(*exc)
