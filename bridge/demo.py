@@ -160,8 +160,12 @@ def _print_audit(out: Console, path: Path) -> None:
     entries = list(reversed(asyncio.run(read())))
     start = entries[0].at if entries else 0.0
     for e in entries:
-        detail = {k: v for k, v in e.detail.items() if v not in (None, {}, "")}
+        d = e.detail
+        what = d.get("reason") or f"{d.get('native')} ({d.get('canonical')})"
+        writes = d.get("writes") or {}
+        if writes:
+            what += "; to write: " + ", ".join(f"{p} {n}" for p, n in writes.items())
         out.print(
-            f"   +{(e.at - start) * 1000:6.0f} ms  {e.platform or '':<10} {e.kind:<8} {detail}",
+            f"   +{(e.at - start) * 1000:5.0f} ms  {e.platform or '':<10} {e.kind:<8} {what}",
             highlight=False,
         )

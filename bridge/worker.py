@@ -181,6 +181,12 @@ class Worker:
                 "writes": {w.platform: w.native for w in verdict.writes},
                 "reason": verdict.reason,
             }
+            # A poll overlap or a duplicate webhook showing nothing new is not worth an audit
+            # line: the trail keeps the decisions that mattered.
+            mine = order.platforms.get(platform) if order else None
+            repeat = (
+                verdict.kind in ("same", "echo") and mine is not None and mine.last_seen == native
+            )
             problems: tuple[Problem, ...] = ()
             if verdict.kind == "unmapped":
                 problems = (
@@ -198,7 +204,9 @@ class Worker:
                 sightings=tuple(sightings),
                 desired=verdict.writes,
                 supersede=verdict.supersede,
-                audit=(AuditEntry(order_key, platform, verdict.kind, detail, now),),
+                audit=()
+                if repeat
+                else (AuditEntry(order_key, platform, verdict.kind, detail, now),),
                 problems=problems,
             )
             if await store.commit_observation(observation):

@@ -468,10 +468,8 @@ class SQLiteStore(Store):
                 for platform, ref, seen in sightings:
                     link = {"key": key, "platform": platform, "ref": ref}
                     conn.execute(_UNLINK_REF, link)
-                    conn.execute(
-                        _UPSERT_SEEN,
-                        {**link, "seen": seen, "seen_at": None if seen is None else obs.observed_at},
-                    )
+                    seen_at = None if seen is None else obs.observed_at
+                    conn.execute(_UPSERT_SEEN, {**link, "seen": seen, "seen_at": seen_at})
                 at = obs.observed_at
                 if obs.desired:
                     conn.executemany(
