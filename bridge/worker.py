@@ -184,8 +184,12 @@ class Worker:
             # A poll overlap or a duplicate webhook showing nothing new is not worth an audit
             # line: the trail keeps the decisions that mattered.
             mine = order.platforms.get(platform) if order else None
+            # The first echo after a write is news (the write landed); later ones are not.
             repeat = (
-                verdict.kind in ("same", "echo") and mine is not None and mine.last_seen == native
+                verdict.kind in ("same", "echo")
+                and mine is not None
+                and mine.last_seen == native
+                and not (verdict.kind == "echo" and mine.last_seen_at == mine.last_written_at)
             )
             problems: tuple[Problem, ...] = ()
             if verdict.kind == "unmapped":
