@@ -26,6 +26,8 @@ log = logging.getLogger("bridge.delivery")
 
 # A 409 means the order changed under the write: re-read first, write again soon after.
 CONFLICT_RETRY_SECONDS = 2.0
+# How long a write waits for the worker to look at news from its target first.
+NEWS_WAIT_SECONDS = 0.2
 
 
 class Dispatcher:
@@ -91,6 +93,9 @@ class Dispatcher:
         )
         if not claimed:
             return 0
+        claimed = await self._hold_back_for_news(claimed)
+        if not claimed:
+            return 0
         requests = [
             WriteRequest(
                 d.order_key,
@@ -112,6 +117,24 @@ class Dispatcher:
         for (delivery, _), outcome in zip(sendable, outcomes, strict=True):
             await self._record(delivery, outcome)
         return len(claimed)
+
+    async def _hold_back_for_news(self, claimed: list[Delivery]) -> list[Delivery]:
+        """Postpone writes to orders with unprocessed news from that same platform.
+
+        Someone may just have changed the order there; the worker decides on that first (it may
+        make this write moot), instead of the write overwriting a change it never saw.
+        """
+        ready = []
+        for delivery in claimed:
+            ref = delivery.ref or delivery.order_key
+            if await self._store.pending_hints(delivery.platform, ref):
+                now = self._clock()
+                await self._store.retry_delivery(
+                    delivery, now + NEWS_WAIT_SECONDS, "news pending", now
+                )
+            else:
+                ready.append(delivery)
+        return ready
 
     async def _send(
         self, client: PlatformClient, spec: PlatformSpec, requests: Sequence[WriteRequest]

@@ -31,6 +31,7 @@ class HintBatch:
     ref: str
     hint_ids: tuple[int, ...]
     observed: str | None  # from the newest hint that carried one
+    observed_at: float | None = None  # when that hint was received (a poll page's age)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ class OrderState:
     canonical: str | None
     version: int
     platforms: dict[str, PlatformState] = field(default_factory=dict)
+    # Writes not yet delivered: platform -> native status it is about to get.
+    pending: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

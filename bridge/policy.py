@@ -12,7 +12,7 @@ from typing import Literal
 from bridge.mapping import StatusMapping
 from bridge.models import DesiredWrite, OrderState
 
-VerdictKind = Literal["advance", "same", "echo", "regress", "catch_up", "unmapped"]
+VerdictKind = Literal["advance", "same", "echo", "regress", "behind", "catch_up", "unmapped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,8 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
       drags another platform backwards;
     * regress: the source moved below the agreed status, the mapping allows no such way back
       (a late webhook, a slow poll, a mistaken click): nothing is propagated;
+    * behind: the source shows a lower status while a write to it is still pending: it simply
+      has not received that write yet; nothing changes;
     * catch_up: the source shows a lower status but had never been seen with this order (an
       order just imported there): it is behind, not moving back, so it gets the agreed status.
     """
@@ -74,6 +76,12 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
         return Verdict(
             "same", canonical, agreed, supersede=(source,), reason=f"agreed on {agreed!r}"
         )
+
+    pending = order.pending.get(source) if order else None
+    if pending is not None and mapping.rank(canonical) < mapping.rank(agreed):
+        # The bridge's write to this platform has not landed yet: what it shows is the past,
+        # not a move backwards — not even one a backward rule would allow.
+        return Verdict("behind", canonical, agreed, reason=f"{source} is still to get {pending!r}")
 
     if mapping.rank(canonical) < mapping.rank(agreed) and not mapping.allows_backward(
         agreed, canonical

@@ -35,6 +35,14 @@ log = logging.getLogger("bridge.worker")
 MAX_DECISION_ATTEMPTS = 5
 
 
+def _older_than_last_write(batch: HintBatch, order: OrderState | None) -> bool:
+    """Was the poll page taken before the bridge's last write to that platform landed?"""
+    mine = order.platforms.get(batch.platform) if order else None
+    if mine is None or mine.last_written_at is None or batch.observed_at is None:
+        return False
+    return batch.observed_at < mine.last_written_at
+
+
 def _with_sightings(
     order: OrderState | None, order_key: str, sightings: list[Snapshot]
 ) -> OrderState | None:
@@ -132,24 +140,15 @@ class Worker:
             )
             return
         order_key = await store.find_order_key(platform, ref)
-        native: str | None = None
-        if batch.observed is not None and order_key is not None:
-            native = batch.observed  # a poll page showed it: no need to ask again
-        else:
-            try:
-                snapshot = await client.read(ref)
-            except ReadFailed as exc:
-                log.warning("reading %s order %s failed: %s", platform, ref, exc.reason)
-                retry_at = self._clock() + (exc.retry_after or self._read_retry)
-                await store.release_hints(batch.hint_ids, retry_at)
+        # A poll page already showed the status: no need to ask again (unless it turns out to
+        # be older than the bridge's own latest write there; see below).
+        observed = batch.observed if order_key is not None else None
+        native = observed
+        if native is None:
+            read = await self._read(batch, client)
+            if read is None:
                 return
-            if snapshot is None:
-                await self._consume_with_problem(
-                    batch, order_key, "order_not_found", f"{platform} has no order {ref!r}"
-                )
-                return
-            native = snapshot.native_status
-            order_key = snapshot.order_key or order_key
+            native, order_key = read[0], read[1] or order_key
         if order_key is None:
             await self._consume_with_problem(
                 batch,
@@ -166,6 +165,14 @@ class Worker:
             return
         for _ in range(MAX_DECISION_ATTEMPTS):
             order = await store.load_order(order_key)
+            if observed is not None and _older_than_last_write(batch, order):
+                # Checked against the very state the decision uses: a write that completed
+                # after the page was taken would otherwise look like a move backwards.
+                read = await self._read(batch, client)
+                if read is None:
+                    return
+                native, observed = read[0], None
+                continue
             verdict = decide(
                 self._mapping, platform, native, _with_sightings(order, order_key, sightings)
             )
@@ -228,6 +235,25 @@ class Worker:
                 return
             # Another worker changed the order between our load and commit: decide again.
         raise RuntimeError(f"order {order_key} kept changing under the worker")
+
+    async def _read(
+        self, batch: HintBatch, client: PlatformClient
+    ) -> tuple[str, str | None] | None:
+        """Read the order on its platform: (native status, order key), or None when handled."""
+        try:
+            snapshot = await client.read(batch.ref)
+        except ReadFailed as exc:
+            log.warning("reading %s order %s failed: %s", batch.platform, batch.ref, exc.reason)
+            retry_at = self._clock() + (exc.retry_after or self._read_retry)
+            await self._store.release_hints(batch.hint_ids, retry_at)
+            return None
+        if snapshot is None:
+            order_key = await self._store.find_order_key(batch.platform, batch.ref)
+            await self._consume_with_problem(
+                batch, order_key, "order_not_found", f"{batch.platform} has no order {batch.ref!r}"
+            )
+            return None
+        return snapshot.native_status, snapshot.order_key
 
     async def _read_unseen(
         self, batch: HintBatch, order_key: str, order: OrderState | None

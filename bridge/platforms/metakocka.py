@@ -224,6 +224,9 @@ class MetaKockaClient(PlatformClient):
     async def changes_since(self, since: str | None, until: str) -> AsyncIterator[list[NewHint]]:
         offset = 0
         while True:
+            # The page shows the orders as they were at some moment after this one; stamping
+            # the hints with it lets the worker spot a page older than its own latest write.
+            asked = time.time()
             try:
                 body = await self._call("search", search_body(since, until, offset))
             except httpx.HTTPError as exc:
@@ -232,13 +235,12 @@ class MetaKockaClient(PlatformClient):
             if outcome.kind != "done":
                 raise ReadFailed(f"search: {outcome.reason}")
             docs = [d for d in body.get("result") or [] if isinstance(d, dict)]
-            now = time.time()
             yield [
                 NewHint(
                     NAME,
                     str(d["mk_id"]),
                     "poll",
-                    now,
+                    asked,
                     str(d["status_desc"]) if d.get("status_desc") else None,
                 )
                 for d in docs

@@ -55,8 +55,8 @@ class Store(ABC):
         """Give leased hints back, to be claimed again no earlier than ``retry_at``."""
 
     @abstractmethod
-    async def pending_hints(self) -> int:
-        """How many hints are stored and not yet consumed."""
+    async def pending_hints(self, platform: str | None = None, ref: str | None = None) -> int:
+        """How many hints are stored and not yet consumed (for one order, if given)."""
 
     # -- orders -----------------------------------------------------------------------------
     @abstractmethod

@@ -34,6 +34,7 @@ class _Hint:
     platform: str
     ref: str
     observed: str | None
+    received_at: float
     claimed_until: float | None = None
 
 
@@ -85,7 +86,9 @@ class MemoryStore(Store):
     # -- inbox ------------------------------------------------------------------------------
     async def add_hints(self, hints: Sequence[NewHint]) -> None:
         for hint in hints:
-            self._hints[self._next_hint_id] = _Hint(hint.platform, hint.ref, hint.observed)
+            self._hints[self._next_hint_id] = _Hint(
+                hint.platform, hint.ref, hint.observed, hint.received_at
+            )
             self._next_hint_id += 1
 
     async def claim_hints(self, limit: int, now: float, lease_seconds: float) -> list[HintBatch]:
@@ -103,12 +106,13 @@ class MemoryStore(Store):
                 break
             if key in busy:
                 continue
-            observed = None
+            observed, observed_at = None, None
             for hint_id in ids:
-                self._hints[hint_id].claimed_until = until
-                if self._hints[hint_id].observed is not None:
-                    observed = self._hints[hint_id].observed
-            batches.append(HintBatch(key[0], key[1], tuple(ids), observed))
+                hint = self._hints[hint_id]
+                hint.claimed_until = until
+                if hint.observed is not None:
+                    observed, observed_at = hint.observed, hint.received_at
+            batches.append(HintBatch(key[0], key[1], tuple(ids), observed, observed_at))
         return batches
 
     async def release_hints(self, hint_ids: Sequence[int], retry_at: float) -> None:
@@ -116,8 +120,10 @@ class MemoryStore(Store):
             if hint_id in self._hints:
                 self._hints[hint_id].claimed_until = retry_at
 
-    async def pending_hints(self) -> int:
-        return len(self._hints)
+    async def pending_hints(self, platform: str | None = None, ref: str | None = None) -> int:
+        if platform is None or ref is None:
+            return len(self._hints)
+        return sum(1 for h in self._hints.values() if h.platform == platform and h.ref == ref)
 
     # -- orders -----------------------------------------------------------------------------
     async def find_order_key(self, platform: str, ref: str) -> str | None:
@@ -127,7 +133,12 @@ class MemoryStore(Store):
         order = self._orders.get(order_key)
         if order is None:
             return None
-        return OrderState(order_key, order.canonical, order.version, dict(order.platforms))
+        pending = {
+            platform: row.native
+            for (key, platform), row in self._rows.items()
+            if key == order_key and row.state == "pending"
+        }
+        return OrderState(order_key, order.canonical, order.version, dict(order.platforms), pending)
 
     async def commit_observation(self, observation: Observation) -> bool:
         obs = observation

@@ -64,12 +64,13 @@ WITH chosen AS (
 )
 UPDATE hints SET claimed_until = :until
 WHERE (platform, ref) IN (SELECT platform, ref FROM chosen)
-RETURNING id, platform, ref, observed
+RETURNING id, platform, ref, observed, received_at
 """
 
 _RELEASE_HINT = "UPDATE hints SET claimed_until = ? WHERE id = ?"
 _DELETE_HINT = "DELETE FROM hints WHERE id = ?"
 _COUNT_HINTS = "SELECT count(*) FROM hints"
+_COUNT_ORDER_HINTS = "SELECT count(*) FROM hints WHERE platform = ? AND ref = ?"
 
 _FIND_ORDER_KEY = "SELECT order_key FROM platform_states WHERE platform = ? AND ref = ?"
 _SELECT_ORDER = "SELECT canonical, version FROM orders WHERE order_key = ?"
@@ -103,6 +104,9 @@ ON CONFLICT (order_key, platform) DO UPDATE SET
     last_seen = coalesce(excluded.last_seen, last_seen),
     last_seen_at = coalesce(excluded.last_seen_at, last_seen_at)
 """
+_SELECT_PENDING_WRITES = (
+    "SELECT platform, native FROM deliveries WHERE order_key = ? AND state = 'pending'"
+)
 _UPSERT_REF = """
 INSERT INTO platform_states (order_key, platform, ref) VALUES (:key, :platform, :ref)
 ON CONFLICT (order_key, platform) DO UPDATE SET ref = excluded.ref
@@ -374,17 +378,18 @@ class SQLiteStore(Store):
             return []
         params = {"now": now, "limit": limit, "until": now + lease_seconds}
         rows = await self._call(self._write, _CLAIM_HINTS, params)
-        groups: dict[tuple[str, str], list[tuple[int, str | None]]] = {}
-        for hint_id, platform, ref, observed in rows:
-            groups.setdefault((platform, ref), []).append((hint_id, observed))
+        groups: dict[tuple[str, str], list[tuple[int, str | None, float]]] = {}
+        for hint_id, platform, ref, observed, received_at in rows:
+            groups.setdefault((platform, ref), []).append((hint_id, observed, received_at))
         batches: list[HintBatch] = []
         for (platform, ref), hints in groups.items():
             hints.sort()
-            observed = None
-            for _, seen in hints:
+            observed, observed_at = None, None
+            for _, seen, at in hints:
                 if seen is not None:
-                    observed = seen
-            batches.append(HintBatch(platform, ref, tuple(i for i, _ in hints), observed))
+                    observed, observed_at = seen, float(at)
+            ids = tuple(i for i, _, _ in hints)
+            batches.append(HintBatch(platform, ref, ids, observed, observed_at))
         batches.sort(key=lambda batch: batch.hint_ids[0])
         return batches
 
@@ -411,8 +416,12 @@ class SQLiteStore(Store):
             self._rollback(conn)
             raise
 
-    async def pending_hints(self) -> int:
-        count: int = (await self._call(self._read_one, _COUNT_HINTS, ()))[0]
+    async def pending_hints(self, platform: str | None = None, ref: str | None = None) -> int:
+        params: tuple[str, ...] = ()
+        sql = _COUNT_HINTS
+        if platform is not None and ref is not None:
+            sql, params = _COUNT_ORDER_HINTS, (platform, ref)
+        count: int = (await self._call(self._read_one, sql, params))[0]
         return count
 
     def _read_one(self, sql: str, params: Sequence[Any]) -> Any:
@@ -437,6 +446,7 @@ class SQLiteStore(Store):
         try:
             order = conn.execute(_SELECT_ORDER, (order_key,)).fetchone()
             states = conn.execute(_SELECT_PLATFORM_STATES, (order_key,)).fetchall()
+            pending = conn.execute(_SELECT_PENDING_WRITES, (order_key,)).fetchall()
         finally:
             conn.execute("COMMIT")
         if order is None:
@@ -446,6 +456,7 @@ class SQLiteStore(Store):
             canonical=order[0],
             version=order[1],
             platforms={row[0]: PlatformState(*row[1:]) for row in states},
+            pending=dict(pending),
         )
 
     async def commit_observation(self, observation: Observation) -> bool:
