@@ -64,7 +64,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -350,7 +350,11 @@ class MetaKockaSimulator:
 
         if self.call_latency > 0:
             await asyncio.sleep(self.call_latency)
-        body = self._parse_body(await request.body())
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the caller went away (e.g. killed); nothing to answer
+            return PlainTextResponse("", status_code=499)
+        body = self._parse_body(raw)
         with self._lock:
             fail_count, fail_code, fail_desc = self._fail
             if fail_count > 0:

@@ -95,7 +95,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -621,7 +621,10 @@ class ShoptetSimulator:
     # --- ASGI entry --------------------------------------------------------------------------
 
     async def _handle(self, request: Request) -> Response:
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # the caller went away (e.g. killed); nothing to answer
+            return Response(status_code=499)
         method = request.method
         path = request.url.path
         query = request.scope.get("query_string", b"").decode("latin-1")
