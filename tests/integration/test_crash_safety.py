@@ -10,6 +10,7 @@ MetaKocka and that the store agrees with what the platforms show.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -29,7 +30,7 @@ from bridge.sandbox.server import ServerThread
 from bridge.sandbox.shoptet import ShoptetSimulator
 from bridge.signing import hmac_sha1_hex
 from bridge.store.sqlite import SQLiteStore
-from tests.integration.conftest import EXAMPLE_MAPPING, MK, SHOPTET
+from tests.integration.conftest import EXAMPLE_MAPPING, MK, SHOPTET, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -189,13 +190,15 @@ async def test_sigkill_at_any_moment_loses_nothing_accepted(
                     late[code] = (actual, MK_STEPS[step])
             return late
 
-        deadline = time.monotonic() + 30
-        while behind() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: not behind(), within=30)
         assert not behind(), f"accepted changes that never arrived (actual, expected): {behind()}"
+
         # Writes whose record a kill prevented are redone once their lease runs out.
-        while await _pending_work(database) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        async def settled() -> bool:
+            return await _pending_work(database) == 0
+
+        await eventually(settled, within=30, what="the store to have no work left")
     finally:
         bridge.stop()
 
