@@ -26,6 +26,8 @@ log = logging.getLogger("bridge.delivery")
 
 # A 409 means the order changed under the write: re-read first, write again soon after.
 CONFLICT_RETRY_SECONDS = 2.0
+# After this many attempts ending in 409 the write is dead-lettered for a person to look at.
+MAX_CONFLICTS = 3
 # How long a write waits for the worker to look at news from its target first.
 NEWS_WAIT_SECONDS = 0.2
 
@@ -182,6 +184,11 @@ class Dispatcher:
             )
             await store.fail_delivery(delivery, outcome.reason, now)
             return
+        if outcome.kind == "conflict" and delivery.attempts + 1 >= MAX_CONFLICTS:
+            reason = f"the order kept changing under the write ({outcome.reason})"
+            log.error("%s order %s: %s", platform, key, reason)
+            await store.fail_delivery(delivery, reason, now)
+            return
         if outcome.kind == "conflict":
             # Re-read the target through the normal path; the write is retried after that.
             await store.add_hints([NewHint(platform, delivery.ref or key, "write_conflict", now)])
@@ -190,6 +197,9 @@ class Dispatcher:
             return
         # retry / not_found: wait and try again, until the horizon runs out.
         what = "order not found" if outcome.kind == "not_found" else "failed"
+        if outcome.kind == "not_found" and delivery.attempts == 0:
+            # Visible from the first time: the order may never arrive on that platform.
+            await store.record_audit([AuditEntry(key, platform, "target_missing", detail, now)])
         if self._retry.gives_up(delivery.first_try_at, now):
             reason = f"gave up after {delivery.attempts + 1} attempts: {what}: {outcome.reason}"
             log.error("%s order %s: %s", platform, key, reason)

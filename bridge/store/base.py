@@ -139,5 +139,9 @@ class Store(ABC):
     async def set_watermark(self, name: str, value: str) -> None: ...
 
     @abstractmethod
+    async def record_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Add entries to the audit trail (for events outside a commit, e.g. a missing order)."""
+
+    @abstractmethod
     async def list_audit(self, order_key: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Newest first; all orders when ``order_key`` is None."""

@@ -314,6 +314,9 @@ class MemoryStore(Store):
     async def set_watermark(self, name: str, value: str) -> None:
         self._watermarks[name] = value
 
+    async def record_audit(self, entries: Sequence[AuditEntry]) -> None:
+        self._record_audit([(entry, _copy_detail(entry.detail)) for entry in entries])
+
     async def list_audit(self, order_key: str | None = None, limit: int = 100) -> list[AuditEntry]:
         chosen = [
             (at, seq, entry, detail)

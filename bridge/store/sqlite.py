@@ -635,6 +635,10 @@ class SQLiteStore(Store):
     async def set_watermark(self, name: str, value: str) -> None:
         await self._call(self._write_many, _SET_WATERMARK, [(name, value)])
 
+    async def record_audit(self, entries: Sequence[AuditEntry]) -> None:
+        if entries:
+            await self._call(self._write_many, _INSERT_AUDIT, _audit_rows(entries))
+
     async def list_audit(self, order_key: str | None = None, limit: int = 100) -> list[AuditEntry]:
         limit = max(limit, 0)
         if order_key is None:

@@ -899,3 +899,44 @@ def test_memory_and_sqlite_agree(ops: list[tuple[Any, ...]]) -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(main(directory))
+
+
+# -- additions: pending writes in the order state, per-order hint counts, audit outside commits
+
+
+async def test_load_order_shows_pending_writes(store: Store) -> None:
+    await store.commit_observation(
+        verdict(canonical="paid", desired=(DesiredWrite(MK, "paid", "in_progress"),))
+    )
+    order = await store.load_order("A1")
+    assert order is not None and order.pending == {MK: "in_progress"}
+    [delivery] = await store.claim_deliveries(MK, 10, T0, LEASE)
+    await store.complete_delivery(delivery, T0 + 1)
+    order = await store.load_order("A1")
+    assert order is not None and order.pending == {}
+
+
+async def test_pending_hints_for_one_order(store: Store) -> None:
+    await store.add_hints([hint("A1"), hint("A1"), hint("B2"), hint("A1", platform=MK)])
+    assert await store.pending_hints() == 4
+    assert await store.pending_hints("shoptet", "A1") == 2
+    assert await store.pending_hints(MK, "A1") == 1
+    assert await store.pending_hints("shoptet", "C3") == 0
+
+
+async def test_a_batch_carries_when_its_observation_was_made(store: Store) -> None:
+    await store.add_hints(
+        [
+            NewHint(MK, "7", "poll", T0, "shipped"),
+            NewHint(MK, "7", "poll", T0 + 5, "completed"),
+            NewHint(MK, "7", "order:update", T0 + 9, None),
+        ]
+    )
+    [batch] = await store.claim_hints(10, T0 + 10, LEASE)
+    assert (batch.observed, batch.observed_at) == ("completed", T0 + 5)
+
+
+async def test_record_audit_outside_a_commit(store: Store) -> None:
+    entry = AuditEntry("A1", MK, "target_missing", {"native": "shipped"}, T0)
+    await store.record_audit([entry])
+    assert await store.list_audit("A1") == [entry]
