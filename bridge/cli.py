@@ -16,11 +16,12 @@ from rich.table import Table
 from bridge.config import ConfigError, Settings
 from bridge.mapping import MappingError, StatusMapping, load_mapping
 from bridge.platforms import PLATFORMS
+from bridge.store import open_store
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Keeps an order's status in agreement across Shoptet, MetaKocka and Bitrix24.",
+    help="Keeps an order's status in agreement across Shoptet and MetaKocka.",
 )
 err = Console(stderr=True)
 
@@ -88,6 +89,10 @@ def check(mapping: MappingOption = None) -> None:
     """Validate the settings and the mapping file, and show the mapping."""
     settings = _settings(mapping)
     status_mapping = _mapping(settings)
+    try:
+        open_store(settings.database_url)
+    except ValueError as exc:
+        raise _fail(f"BRIDGE_DATABASE_URL: {exc}") from None
     for platform in sorted(status_mapping.platforms):
         try:
             client = PLATFORMS[platform].make_client(settings)

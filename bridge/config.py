@@ -7,14 +7,20 @@ Every setting is documented in docs/configuration.md and .env.example. Secrets a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="BRIDGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="BRIDGE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        # `BRIDGE_SHOPTET_WEBHOOK_KEY=` in an env file means "not set", not "the empty key".
+        env_ignore_empty=True,
     )
 
     # -- the service ------------------------------------------------------------------------
@@ -22,12 +28,14 @@ class Settings(BaseSettings):
     mapping_file: Path = Path("bridge.toml")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_webhook_bytes: int = Field(64 * 1024, ge=1024)
 
     # -- the worker and delivery ------------------------------------------------------------
     worker_concurrency: int = Field(16, ge=1, le=1000)
-    hint_lease_seconds: float = Field(60.0, gt=0)
+    # Longer than the slowest platform call (Shoptet's 80 s timeout), so a slow read is not
+    # picked up a second time while it is still running.
+    hint_lease_seconds: float = Field(120.0, gt=0)
     read_retry_seconds: float = Field(5.0, gt=0)
     delivery_lease_seconds: float = Field(120.0, gt=0)
     retry_base_seconds: float = Field(2.0, gt=0)
@@ -53,6 +61,11 @@ class Settings(BaseSettings):
     metakocka_poll_interval_seconds: float = Field(60.0, gt=0)
     metakocka_poll_overlap_seconds: float = Field(300.0, ge=0)
     metakocka_batch_size: int = Field(50, ge=1, le=100)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
 
 class ConfigError(Exception):

@@ -188,18 +188,18 @@ class Worker:
                 "writes": {w.platform: w.native for w in verdict.writes},
                 "reason": verdict.reason,
             }
-            # A poll overlap or a duplicate webhook showing nothing new is not worth an audit
-            # line: the trail keeps the decisions that mattered.
+            # A poll overlap or a duplicate webhook showing nothing new since the last look is
+            # not worth an audit line, a problem or a warning: the trail keeps what mattered.
             mine = order.platforms.get(platform) if order else None
             # The first echo after a write is news (the write landed); later ones are not.
             repeat = (
-                verdict.kind in ("same", "echo")
+                verdict.kind in ("same", "echo", "regress", "behind", "unmapped")
                 and mine is not None
                 and mine.last_seen == native
                 and not (verdict.kind == "echo" and mine.last_seen_at == mine.last_written_at)
             )
             problems: tuple[Problem, ...] = ()
-            if verdict.kind == "unmapped":
+            if verdict.kind == "unmapped" and not repeat:
                 problems = (
                     Problem("unmapped_status", order_key, platform, verdict.reason, ref=ref),
                 )
@@ -222,9 +222,9 @@ class Worker:
             )
             if await store.commit_observation(observation):
                 self._metrics.verdicts.labels(platform, verdict.kind).inc()
-                if verdict.kind in ("regress", "unmapped"):
+                if verdict.kind in ("regress", "unmapped") and not repeat:
                     log.warning("%s order %s: %s", platform, order_key, verdict.reason)
-                elif verdict.kind in ("echo", "same"):
+                elif repeat or verdict.kind in ("echo", "same"):
                     log.debug("%s order %s: %s", platform, order_key, verdict.kind)
                 else:
                     log.info(
