@@ -16,6 +16,7 @@ from rich.table import Table
 from bridge.config import ConfigError, Settings
 from bridge.mapping import MappingError, StatusMapping, load_mapping
 from bridge.platforms import PLATFORMS
+from bridge.service import client_context
 from bridge.store import open_store
 
 app = typer.Typer(
@@ -95,7 +96,9 @@ def check(mapping: MappingOption = None) -> None:
         raise _fail(f"BRIDGE_DATABASE_URL: {exc}") from None
     for platform in sorted(status_mapping.platforms):
         try:
-            client = PLATFORMS[platform].make_client(settings)
+            client = PLATFORMS[platform].make_client(
+                settings, client_context(status_mapping, platform, None)
+            )
         except ConfigError as exc:
             raise _fail(str(exc)) from None
         # Clients own an HTTP connection pool; nothing was sent, so just drop it.

@@ -61,6 +61,27 @@ class Settings(BaseSettings):
     metakocka_poll_interval_seconds: float = Field(60.0, gt=0)
     metakocka_poll_overlap_seconds: float = Field(300.0, ge=0)
     metakocka_batch_size: int = Field(50, ge=1, le=100)
+    # -- Bitrix24 ---------------------------------------------------------------------------
+    bitrix24_mode: Literal["orders", "deals"] = "orders"
+    # Inbound webhook URL, https://<portal>/rest/<user>/<code>/ (a secret: the code is the key)
+    bitrix24_webhook_url: SecretStr | None = None
+    # or OAuth (a local application): the portal's REST endpoint and the app's credentials
+    bitrix24_portal_url: str | None = None
+    bitrix24_client_id: str | None = None
+    bitrix24_client_secret: SecretStr | None = None
+    bitrix24_access_token: SecretStr | None = None
+    bitrix24_refresh_token: SecretStr | None = None
+    bitrix24_oauth_url: str = "https://oauth.bitrix.info/oauth/token/"
+    # auth[application_token] of the outgoing webhook / application: checks incoming events
+    bitrix24_application_token: SecretStr | None = None
+    # Which field links an order or deal to the order key (default: xmlId / ORIGIN_ID)
+    bitrix24_key_field: str | None = None
+    bitrix24_deal_category: int = Field(0, ge=0)
+    bitrix24_rate_per_second: float = Field(2.0, gt=0)
+    bitrix24_burst: int = Field(50, ge=1)
+    bitrix24_timeout_seconds: float = Field(50.0, gt=0)
+    bitrix24_poll_interval_seconds: float = Field(60.0, gt=0)
+    bitrix24_poll_overlap_seconds: float = Field(300.0, ge=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -19,13 +19,18 @@ from bridge.inbox import Inbox
 from bridge.mapping import StatusMapping, load_mapping
 from bridge.metrics import Metrics
 from bridge.platforms import PLATFORMS
-from bridge.platforms.base import PlatformClient, PlatformSpec
+from bridge.platforms.base import ClientContext, PlatformClient, PlatformSpec
 from bridge.poller import Poller
 from bridge.retry import RetryPolicy
 from bridge.store import Store, open_store
 from bridge.worker import Worker
 
 log = logging.getLogger("bridge")
+
+
+def client_context(mapping: StatusMapping, platform: str, store: Store | None) -> ClientContext:
+    natives = frozenset().union(*(s.inbound[platform] for s in mapping.statuses.values()))
+    return ClientContext(store=store, natives=natives)
 
 
 class Bridge:
@@ -49,7 +54,10 @@ class Bridge:
         self.clients: dict[str, PlatformClient] = (
             dict(clients)
             if clients is not None
-            else {p: s.make_client(settings) for p, s in self.specs.items()}
+            else {
+                p: s.make_client(settings, client_context(self.mapping, p, self.store))
+                for p, s in self.specs.items()
+            }
         )
         missing = set(self.platforms) - set(self.clients)
         if missing:

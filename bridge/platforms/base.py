@@ -23,6 +23,16 @@ from bridge.models import NewHint, Snapshot
 
 if TYPE_CHECKING:
     from bridge.config import Settings
+    from bridge.store.base import Store
+
+
+@dataclass(frozen=True, slots=True)
+class ClientContext:
+    """What a client may need besides settings: the store (e.g. for OAuth tokens) and the
+    native statuses the mapping uses on its platform (e.g. to check a deal pipeline)."""
+
+    store: Store | None = None
+    natives: frozenset[str] = frozenset()
 
 
 class TargetOptions(BaseModel):
@@ -122,7 +132,7 @@ class PlatformSpec:
     name: str
     native_type: type[int] | type[str]  # how the mapping file writes native statuses
     options: type[TargetOptions]
-    make_client: Callable[[Settings], PlatformClient]
+    make_client: Callable[[Settings, ClientContext], PlatformClient]
     # Pure: verify and parse a webhook. None: the platform sends no order webhooks.
     parse_webhook: Callable[[Settings, Mapping[str, str], bytes], ParsedWebhook] | None = None
     # Does this platform need polling to see changes made in it?

@@ -25,6 +25,7 @@ import orjson
 from bridge.config import ConfigError, Settings
 from bridge.models import NewHint, Snapshot
 from bridge.platforms.base import (
+    ClientContext,
     Outcome,
     PlatformClient,
     PlatformSpec,
@@ -121,7 +122,10 @@ class MetaKockaClient(PlatformClient):
     name = NAME
 
     def __init__(
-        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: Settings,
+        context: ClientContext | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not settings.metakocka_company_id or settings.metakocka_secret_key is None:
             raise ConfigError(

@@ -26,6 +26,7 @@ import orjson
 from bridge.config import ConfigError, Settings
 from bridge.models import Snapshot
 from bridge.platforms.base import (
+    ClientContext,
     Outcome,
     ParsedWebhook,
     PlatformClient,
@@ -199,7 +200,10 @@ class ShoptetClient(PlatformClient):
     name = NAME
 
     def __init__(
-        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: Settings,
+        context: ClientContext | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         token = settings.shoptet_api_token
         if token is None:

@@ -1,0 +1,530 @@
+"""Bitrix24: sale orders or CRM deals; form-encoded events in, REST calls out.
+
+Facts relied on (docs/platforms.md has the sources):
+
+* events carry only the id (``data[FIELDS][ID]``) and a shared secret,
+  ``auth[application_token]``; they are never re-sent, so a poller covers what is lost;
+* portals in the older "deals + orders" mode keep ``sale`` orders (``statusId``); new portals
+  only have CRM deals, whose stage (``STAGE_ID``, per pipeline) is what people change;
+* a leaky bucket per portal: 2 requests/s with a burst of 50 (Enterprise: 5 and 250); overflow
+  is ``503 QUERY_LIMIT_EXCEEDED``; a per-method time budget gives ``429 OPERATION_TIME_LIMIT``;
+* ``batch`` runs up to 50 commands for the price of one request, each with its own error;
+* errors are ``{error, error_description}``; sale codes are numbers, system codes strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qs, quote
+
+import httpx
+import orjson
+
+from bridge.config import ConfigError, Settings
+from bridge.models import NewHint, Snapshot
+from bridge.platforms.base import (
+    ClientContext,
+    Outcome,
+    ParsedWebhook,
+    PlatformClient,
+    PlatformSpec,
+    ReadFailed,
+    TargetOptions,
+    WebhookRejected,
+    WriteRequest,
+)
+from bridge.ratelimit import LeakyBucket
+from bridge.signing import constant_time_equals
+
+NAME = "bitrix24"
+BATCH_LIMIT = 50
+PAGE_SIZE = 50
+TOKENS_VALUE = "bitrix24:oauth"  # where OAuth tokens are kept in the store
+
+ORDER_EVENTS = frozenset({"ONSALEORDERSAVED", "ONORDERENTITYSAVED"})
+DEAL_EVENTS = frozenset({"ONCRMDEALUPDATE", "ONCRMDEALADD"})
+_ID = re.compile(r"^[0-9]{1,18}$")
+# Sale codes follow 2xxx4040xxxx for "not found" (e.g. 201240400001, 200540400001).
+_NOT_FOUND_CODE = re.compile(r"^2\d{3}4040\d{4}$")
+_NOT_FOUND_TEXT = re.compile(r"not found|does not exist|is not found", re.I)
+
+log = logging.getLogger("bridge.bitrix24")
+
+Mode = Literal["orders", "deals"]
+
+
+class Bitrix24Options(TargetOptions):
+    """No side-effect flags yet: a status (or stage) is all the bridge writes."""
+
+
+# -- pure: the two modes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """How one mode names things."""
+
+    get: str
+    update: str
+    list: str
+    result_key: str | None  # sale wraps get/update in result.order; crm does not
+    list_key: str | None  # sale.order.list -> result.orders; crm.deal.list -> result
+    id_field: str
+    status_field: str
+    modified_field: str
+    default_key_field: str
+    events: frozenset[str]
+
+
+ORDERS = Entity(
+    "sale.order.get", "sale.order.update", "sale.order.list", "order", "orders",
+    "id", "statusId", "dateUpdate", "xmlId", ORDER_EVENTS,
+)  # fmt: skip
+DEALS = Entity(
+    "crm.deal.get", "crm.deal.update", "crm.deal.list", None, None,
+    "ID", "STAGE_ID", "DATE_MODIFY", "ORIGIN_ID", DEAL_EVENTS,
+)  # fmt: skip
+
+
+def entity(mode: Mode) -> Entity:
+    return ORDERS if mode == "orders" else DEALS
+
+
+def stage_category(stage_id: str) -> int:
+    """The pipeline a deal stage belongs to: ``C3:WON`` -> 3, ``WON`` -> 0."""
+    match = re.match(r"^C(\d+):", stage_id)
+    return int(match.group(1)) if match else 0
+
+
+# -- pure: events ---------------------------------------------------------------------------
+
+
+def parse_event(settings: Settings, headers: Mapping[str, str], body: bytes) -> ParsedWebhook:
+    """Verify and parse one event delivery (form-encoded, PHP-style bracketed keys)."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        raise WebhookRejected(400, "events must be application/x-www-form-urlencoded")
+    try:
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except (UnicodeDecodeError, ValueError):
+        raise WebhookRejected(400, "body is not a valid form") from None
+    expected = settings.bitrix24_application_token
+    given = form.get("auth[application_token]", [None])[0]
+    if not given:
+        raise WebhookRejected(401, "missing auth[application_token]")
+    if expected is None or not constant_time_equals(expected.get_secret_value(), given):
+        raise WebhookRejected(401, "auth[application_token] does not match")
+    event = (form.get("event", [""])[0] or "").upper()
+    if not event:
+        raise WebhookRejected(400, "event is missing")
+    if event not in entity(settings.bitrix24_mode).events:
+        return ParsedWebhook(event, ())  # another mode's or an unrelated event: ignored
+    ids = form.get("data[FIELDS][ID]", [])
+    if len(ids) != 1 or not _ID.match(ids[0]):
+        raise WebhookRejected(400, "data[FIELDS][ID] must be one numeric id")
+    return ParsedWebhook(event, (ids[0],))
+
+
+# -- pure: answers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class B24Error(Exception):
+    code: str
+    description: str
+    status: int
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.description} (HTTP {self.status})"
+
+
+def error_of(status: int, body: Any) -> B24Error | None:
+    """The error an answer carries, if any (system codes are strings, sale codes numbers)."""
+    if isinstance(body, dict) and "error" in body:
+        return B24Error(str(body["error"]), str(body.get("error_description") or ""), status)
+    if status >= 400 or not isinstance(body, dict):
+        return B24Error(f"HTTP_{status}", "no JSON error body", status)
+    return None
+
+
+def classify_error(error: B24Error, now: float) -> Outcome:
+    """What an error means for a write (or a read)."""
+    code, reason = error.code, str(error)
+    if code == "QUERY_LIMIT_EXCEEDED":
+        return Outcome("retry", reason=reason, retry_after=error.retry_after)
+    if code == "OPERATION_TIME_LIMIT":
+        return Outcome("retry", reason=reason, retry_after=error.retry_after or 60.0)
+    if _NOT_FOUND_CODE.match(code) or _NOT_FOUND_TEXT.search(error.description):
+        return Outcome("not_found", reason=reason)
+    if error.status >= 500 or code.startswith("HTTP_") or code in ("expired_token",):
+        return Outcome("retry", reason=reason)
+    if error.status in (401, 403):
+        # Credentials, scope or plan: a configuration fix makes the pending writes work again.
+        return Outcome("retry", reason=f"access refused: {reason}")
+    return Outcome("permanent", reason=reason)
+
+
+def command(method: str, params: Mapping[str, Any]) -> str:
+    """A batch sub-command: ``method?query`` with PHP-style bracketed keys."""
+    parts: list[str] = []
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                add(f"{prefix}[{k}]", v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                add(f"{prefix}[]", v)
+        else:
+            parts.append(f"{quote(prefix, safe='[]')}={quote(str(value), safe='')}")
+
+    for key, value in params.items():
+        add(key, value)
+    return f"{method}?{'&'.join(parts)}"
+
+
+def update_params(mode: Mode, ref: str, native: str) -> dict[str, Any]:
+    e = entity(mode)
+    return {"id": int(ref), "fields": {e.status_field: native}}
+
+
+# -- the client -----------------------------------------------------------------------------
+
+
+class Bitrix24Client(PlatformClient):
+    name = NAME
+
+    def __init__(
+        self,
+        settings: Settings,
+        context: ClientContext | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        context = context or ClientContext()
+        self._mode: Mode = settings.bitrix24_mode
+        self._entity = entity(self._mode)
+        self._key_field = settings.bitrix24_key_field or self._entity.default_key_field
+        self._category = settings.bitrix24_deal_category
+        self._store = context.store
+        if settings.bitrix24_application_token is None:
+            raise ConfigError(
+                "BRIDGE_BITRIX24_APPLICATION_TOKEN is required when Bitrix24 is mapped "
+                "(it authenticates incoming events)"
+            )
+        if self._mode == "deals":
+            wrong = sorted(n for n in context.natives if stage_category(n) != self._category)
+            if wrong:
+                raise ConfigError(
+                    f"deal stages {', '.join(wrong)} are not in pipeline "
+                    f"{self._category} (BRIDGE_BITRIX24_DEAL_CATEGORY); stages of pipeline N "
+                    "are written C<N>:STAGE, those of the default pipeline 0 without a prefix"
+                )
+        self._oauth: dict[str, str] | None = None
+        if settings.bitrix24_webhook_url is not None:
+            self._base = settings.bitrix24_webhook_url.get_secret_value().rstrip("/") + "/"
+        elif settings.bitrix24_portal_url and settings.bitrix24_client_id:
+            if settings.bitrix24_client_secret is None or settings.bitrix24_refresh_token is None:
+                raise ConfigError(
+                    "OAuth needs BRIDGE_BITRIX24_CLIENT_SECRET and BRIDGE_BITRIX24_REFRESH_TOKEN"
+                )
+            self._base = settings.bitrix24_portal_url.rstrip("/") + "/"
+            self._oauth = {
+                "client_id": settings.bitrix24_client_id,
+                "client_secret": settings.bitrix24_client_secret.get_secret_value(),
+                "access_token": (
+                    settings.bitrix24_access_token.get_secret_value()
+                    if settings.bitrix24_access_token
+                    else ""
+                ),
+                "refresh_token": settings.bitrix24_refresh_token.get_secret_value(),
+            }
+            self._oauth_url = settings.bitrix24_oauth_url
+            self._tokens_loaded = False
+        else:
+            raise ConfigError(
+                "Bitrix24 needs BRIDGE_BITRIX24_WEBHOOK_URL, or OAuth: "
+                "BRIDGE_BITRIX24_PORTAL_URL, _CLIENT_ID, _CLIENT_SECRET, _REFRESH_TOKEN"
+            )
+        self._http = httpx.AsyncClient(
+            headers={"Accept": "application/json", "User-Agent": "bridge (order-status sync)"},
+            timeout=httpx.Timeout(settings.bitrix24_timeout_seconds, connect=15.0),
+            transport=transport,
+        )
+        # One bucket for everything that talks to the portal: worker, delivery, poller.
+        self.bucket = LeakyBucket(settings.bitrix24_rate_per_second, settings.bitrix24_burst)
+        self._refresh_lock = asyncio.Lock()
+        self._operating_until: dict[str, float] = {}  # method -> refused until (unix time)
+        self._reset_at: dict[str, float] = {}  # method -> its time budget's next reset
+        self.calls = 0
+
+    # -- transport ------------------------------------------------------------------------
+
+    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Call a REST method; returns the whole answer. Raises B24Error or ReadFailed.
+
+        Waits for the shared bucket before sending; a refusal for the rate limit is waited
+        out and sent again (the bucket is then known to be full), so callers only see the
+        errors that are really theirs.
+        """
+        for _ in range(5):
+            blocked = self._operating_until.get(method, 0.0) - time.time()
+            if blocked > 0:
+                raise B24Error("OPERATION_TIME_LIMIT", "method time budget used up", 429, blocked)
+            await self.bucket.acquire()
+            body = dict(params or {})
+            if self._oauth is not None:
+                await self._load_tokens()
+                body["auth"] = self._oauth["access_token"]
+            try:
+                self.calls += 1
+                response = await self._http.post(self._base + method, content=orjson.dumps(body))
+            except httpx.HTTPError as exc:
+                raise ReadFailed(f"{method}: {exc!r}") from exc
+            try:
+                answer = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                answer = None
+            error = error_of(response.status_code, answer)
+            if error is None:
+                self._note_operating(method, answer)
+                return answer
+            if error.code == "QUERY_LIMIT_EXCEEDED":
+                # Someone else shares the portal's bucket: assume it full and wait it out.
+                self.bucket.fill()
+                log.warning("Bitrix24 refused %s: request rate limit; slowing down", method)
+                continue
+            if error.code == "expired_token" and self._oauth is not None:
+                await self._refresh(self._oauth["access_token"])
+                continue
+            if error.code == "OPERATION_TIME_LIMIT":
+                now = time.time()
+                reset = self._reset_at.get(method, 0.0)
+                self._operating_until[method] = reset if reset > now else now + 60.0
+                wait = self._operating_until[method] - now
+                raise B24Error(error.code, error.description, error.status, wait)
+            raise error
+        raise B24Error("QUERY_LIMIT_EXCEEDED", "still refused after waiting", 503, 1.0)
+
+    def _note_operating(self, method: str, answer: Any) -> None:
+        # Remember when the method's time budget frees up, should it run out: the refusal
+        # itself does not say, the last successful answer does.
+        timing = answer.get("time") if isinstance(answer, dict) else None
+        if isinstance(timing, dict) and timing.get("operating_reset_at"):
+            self._reset_at[method] = float(timing["operating_reset_at"])
+
+    async def _load_tokens(self) -> None:
+        assert self._oauth is not None
+        if self._tokens_loaded or self._store is None:
+            return
+        self._tokens_loaded = True
+        stored = await self._store.get_watermark(TOKENS_VALUE)
+        if stored:
+            tokens = orjson.loads(stored)
+            self._oauth["access_token"] = tokens["access_token"]
+            self._oauth["refresh_token"] = tokens["refresh_token"]
+
+    async def _refresh(self, stale_access_token: str) -> None:
+        """Exchange the refresh token once, however many calls found the token expired."""
+        assert self._oauth is not None
+        async with self._refresh_lock:
+            if self._oauth["access_token"] != stale_access_token:
+                return  # another call refreshed meanwhile
+            params = {
+                "grant_type": "refresh_token",
+                "client_id": self._oauth["client_id"],
+                "client_secret": self._oauth["client_secret"],
+                "refresh_token": self._oauth["refresh_token"],
+            }
+            try:
+                response = await self._http.get(self._oauth_url, params=params)
+                answer = orjson.loads(response.content)
+            except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+                raise ReadFailed(f"OAuth refresh: {exc!r}") from exc
+            if response.status_code != 200 or "access_token" not in answer:
+                raise B24Error(
+                    str(answer.get("error", f"HTTP_{response.status_code}")),
+                    str(answer.get("error_description", "OAuth refresh refused")),
+                    401,
+                )
+            self._oauth["access_token"] = answer["access_token"]
+            self._oauth["refresh_token"] = answer["refresh_token"]
+            if self._store is not None:
+                # The old refresh token is dead now: losing the new one would lock us out.
+                await self._store.set_watermark(
+                    TOKENS_VALUE,
+                    orjson.dumps(
+                        {k: answer[k] for k in ("access_token", "refresh_token")}
+                    ).decode(),
+                )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _snapshot(self, item: Mapping[str, Any]) -> Snapshot:
+        e = self._entity
+        key = item.get(self._key_field)
+        return Snapshot(
+            NAME,
+            str(item.get(e.id_field)),
+            str(key) if key not in (None, "") else None,
+            str(item.get(e.status_field) or ""),
+        )
+
+    async def read(self, ref: str) -> Snapshot | None:
+        e = self._entity
+        try:
+            answer = await self.call(e.get, {"id": int(ref)})
+        except B24Error as exc:
+            if classify_error(exc, time.time()).kind == "not_found":
+                return None
+            raise ReadFailed(f"{e.get} {ref}: {exc}", exc.retry_after) from exc
+        item = answer.get("result")
+        if e.result_key and isinstance(item, dict):
+            item = item.get(e.result_key)
+        if not isinstance(item, dict):
+            raise ReadFailed(f"{e.get} {ref}: answer has no {e.result_key or 'result'}")
+        return self._snapshot(item)
+
+    def _list_params(self, filters: Mapping[str, Any], start: int) -> dict[str, Any]:
+        e = self._entity
+        select = [e.id_field, e.status_field, self._key_field, e.modified_field]
+        params: dict[str, Any] = {
+            "select": select,
+            "filter": dict(filters),
+            "order": {e.id_field: "asc"},
+            "start": start,
+        }
+        if self._mode == "deals":
+            params["filter"]["CATEGORY_ID"] = self._category
+        return params
+
+    async def _list(self, filters: Mapping[str, Any]) -> AsyncIterator[list[Snapshot]]:
+        e = self._entity
+        start = 0
+        while True:
+            try:
+                answer = await self.call(e.list, self._list_params(filters, start))
+            except B24Error as exc:
+                raise ReadFailed(f"{e.list}: {exc}", exc.retry_after) from exc
+            items = answer.get("result")
+            if e.list_key and isinstance(items, dict):
+                items = items.get(e.list_key)
+            yield [self._snapshot(i) for i in items or [] if isinstance(i, dict)]
+            next_start = answer.get("next")
+            if next_start is None:
+                return
+            start = int(next_start)
+
+    async def read_by_key(self, order_key: str) -> Snapshot | None:
+        async for page in self._list({f"={self._key_field}": order_key}):
+            for snapshot in page:
+                if snapshot.order_key == order_key:
+                    return snapshot
+        return None
+
+    async def changes_since(self, since: str | None, until: str) -> AsyncIterator[list[NewHint]]:
+        modified = self._entity.modified_field
+        filters = {f"<={modified}": until}
+        if since is not None:
+            filters[f">={modified}"] = since
+        asked = time.time()
+        async for page in self._list(filters):
+            yield [NewHint(NAME, s.ref, "poll", asked, s.native_status or None) for s in page]
+            asked = time.time()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def _ref_for(self, request: WriteRequest) -> str | Outcome:
+        if request.ref:
+            return request.ref
+        try:
+            found = await self.read_by_key(request.order_key)
+        except ReadFailed as exc:
+            return Outcome("retry", reason=exc.reason, retry_after=exc.retry_after)
+        if found is None:
+            return Outcome(
+                "not_found",
+                reason=f"no {self._mode[:-1]} with {self._key_field}={request.order_key}",
+            )
+        return found.ref
+
+    async def write(self, request: WriteRequest) -> Outcome:
+        ref = await self._ref_for(request)
+        if isinstance(ref, Outcome):
+            return ref
+        try:
+            await self.call(self._entity.update, update_params(self._mode, ref, request.native))
+        except B24Error as exc:
+            return classify_error(exc, time.time())
+        except ReadFailed as exc:
+            return Outcome("retry", reason=exc.reason)
+        return Outcome("done", learned_ref=None if request.ref else ref)
+
+    async def write_many(self, requests: Sequence[WriteRequest]) -> list[Outcome]:
+        """Up to 50 updates per ``batch`` call; each command's error is its own outcome."""
+        outcomes: dict[int, Outcome] = {}
+        refs: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            ref = await self._ref_for(request) if not request.ref else request.ref
+            if isinstance(ref, Outcome):
+                outcomes[i] = ref
+            else:
+                refs[i] = ref
+        pending = sorted(refs)
+        if len(pending) == 1:
+            i = pending[0]
+            outcomes[i] = await self.write(
+                WriteRequest(
+                    requests[i].order_key, requests[i].native, refs[i], requests[i].options
+                )
+            )
+            pending = []
+        for start in range(0, len(pending), BATCH_LIMIT):
+            chunk = pending[start : start + BATCH_LIMIT]
+            cmd = {
+                f"w{i}": command(
+                    self._entity.update, update_params(self._mode, refs[i], requests[i].native)
+                )
+                for i in chunk
+            }
+            try:
+                answer = await self.call("batch", {"halt": 0, "cmd": cmd})
+            except B24Error as exc:
+                outcome = classify_error(exc, time.time())
+                outcomes.update((i, outcome) for i in chunk)
+                continue
+            except ReadFailed as exc:
+                outcomes.update((i, Outcome("retry", reason=exc.reason)) for i in chunk)
+                continue
+            result = answer.get("result") or {}
+            errors = result.get("result_error") or {}
+            for i in chunk:
+                err = errors.get(f"w{i}") if isinstance(errors, dict) else None
+                if err:
+                    outcomes[i] = classify_error(
+                        error_of(400, err) or B24Error("0", "", 400), time.time()
+                    )
+                else:
+                    outcomes[i] = Outcome("done", learned_ref=None if requests[i].ref else refs[i])
+        return [outcomes[i] for i in range(len(requests))]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+SPEC = PlatformSpec(
+    name=NAME,
+    native_type=str,
+    options=Bitrix24Options,
+    make_client=Bitrix24Client,
+    parse_webhook=parse_event,
+    polled=True,
+    write_concurrency=1,
+    write_batch=BATCH_LIMIT,
+)
