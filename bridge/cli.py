@@ -120,6 +120,66 @@ def check(mapping: MappingOption = None) -> None:
     Console().print("[green]settings and mapping are valid[/]")
 
 
+@app.command("bitrix24-statuses")
+def bitrix24_statuses(
+    mapping: MappingOption = None,
+    stamp: Annotated[
+        bool,
+        typer.Option("--stamp", help="Write each mapped status's canonical key into its xmlId."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check the mapping against the portal's statuses (or deal stages); optionally stamp them."""
+    import asyncio
+    import dataclasses
+    import json
+
+    from bridge.platforms.base import ReadFailed
+    from bridge.platforms.bitrix24 import B24Error, Bitrix24Client, StatusReport, check_statuses
+
+    settings = _settings(mapping)
+    status_mapping = _mapping(settings)
+    if "bitrix24" not in status_mapping.platforms:
+        raise _fail(f"{settings.mapping_file}: no status is mapped to bitrix24")
+    wanted = {
+        native: status.key
+        for status in status_mapping.statuses.values()
+        for native in status.inbound["bitrix24"]
+    }
+
+    async def run() -> StatusReport:
+        try:
+            client = Bitrix24Client(settings, client_context(status_mapping, "bitrix24", None))
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+        try:
+            return await check_statuses(client, wanted, stamp=stamp)
+        except (B24Error, ReadFailed) as exc:  # a clear message, not a traceback
+            raise _fail(f"Bitrix24: {exc}") from None
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(run())
+    if as_json:
+        sys.stdout.write(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+    else:
+        out = Console()
+        out.print(f"Bitrix24 ({report.mode} mode) defines: {', '.join(report.defined)}")
+        for native, canonical in report.missing.items():
+            out.print(f"[red]missing:[/] {native} (mapped as {canonical!r}) is not on the portal")
+        if report.stamped:
+            out.print(f"[green]stamped xmlId on:[/] {', '.join(report.stamped)}")
+        elif report.unstamped and report.mode == "orders":
+            out.print(
+                f"xmlId is not the canonical key on: {', '.join(report.unstamped)}"
+                " (run with --stamp to write it)"
+            )
+        if not report.missing:
+            out.print("[green]every mapped status exists on the portal[/]")
+    if report.missing:
+        raise typer.Exit(1)
+
+
 @app.command("example-mapping")
 def example_mapping() -> None:
     """Print the annotated example mapping file (redirect it to bridge.toml)."""

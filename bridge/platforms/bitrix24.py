@@ -514,8 +514,98 @@ class Bitrix24Client(PlatformClient):
                     outcomes[i] = Outcome("done", learned_ref=None if requests[i].ref else refs[i])
         return [outcomes[i] for i in range(len(requests))]
 
+    # -- status definitions (the seed API) ------------------------------------------------
+
+    async def status_definitions(self) -> list[StatusDefinition]:
+        """Order statuses (type O) in orders mode; the pipeline's stages in deals mode."""
+        definitions: list[StatusDefinition] = []
+        if self._mode == "orders":
+            start: int | None = 0
+            while start is not None:
+                answer = await self.call(
+                    "sale.status.list",
+                    {"filter": {"type": "O"}, "order": {"sort": "asc"}, "start": start},
+                )
+                result = answer.get("result") or {}
+                # The docs' example says "statuses", their table "status": accept both.
+                rows = result.get("statuses") or result.get("status") or [] if result else []
+                definitions += [
+                    StatusDefinition(str(r["id"]), str(r.get("type") or "O"), r.get("xmlId"))
+                    for r in rows
+                    if isinstance(r, dict) and "id" in r
+                ]
+                start = answer.get("next")
+            return definitions
+        entity_id = "DEAL_STAGE" if self._category == 0 else f"DEAL_STAGE_{self._category}"
+        answer = await self.call("crm.status.list", {"filter": {"ENTITY_ID": entity_id}})
+        return [
+            StatusDefinition(str(r["STATUS_ID"]), entity_id, None)
+            for r in answer.get("result") or []
+            if isinstance(r, dict) and "STATUS_ID" in r
+        ]
+
+    async def stamp(self, definition: StatusDefinition, canonical: str) -> None:
+        """Write the canonical key into a status's xmlId (``type`` is required, even so)."""
+        await self.call(
+            "sale.status.update",
+            {"id": definition.id, "fields": {"type": definition.type, "xmlId": canonical}},
+        )
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusDefinition:
+    id: str
+    type: str  # "O" for order statuses; the stage entity for deal stages
+    xml_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    mode: Mode
+    defined: list[str]
+    missing: dict[str, str]  # native status the mapping uses -> its canonical status
+    unstamped: list[str]  # defined, mapped, but xmlId is not the canonical key
+    stamped: list[str]
+
+
+def compare_statuses(
+    wanted: Mapping[str, str], defined: Sequence[StatusDefinition]
+) -> tuple[list[str], list[StatusDefinition]]:
+    """Which mapped natives the portal lacks, and which defined ones need a stamp.
+
+    ``wanted`` maps each native status the mapping uses to its canonical status.
+    """
+    by_id = {d.id: d for d in defined}
+    missing = sorted(n for n in wanted if n not in by_id)
+    to_stamp = [by_id[n] for n in sorted(wanted) if n in by_id and by_id[n].xml_id != wanted[n]]
+    return missing, to_stamp
+
+
+async def check_statuses(
+    client: Bitrix24Client, wanted: Mapping[str, str], *, stamp: bool
+) -> StatusReport:
+    """Compare the mapping with the portal; stamp xmlIds (orders mode, nothing missing)."""
+    defined = await client.status_definitions()
+    missing, to_stamp = compare_statuses(wanted, defined)
+    stamped: list[str] = []
+    if stamp and client.mode == "orders" and not missing:
+        for definition in to_stamp:
+            await client.stamp(definition, wanted[definition.id])
+            stamped.append(definition.id)
+    return StatusReport(
+        client.mode,
+        [d.id for d in defined],
+        {n: wanted[n] for n in missing},
+        [d.id for d in to_stamp if d.id not in stamped],
+        stamped,
+    )
 
 
 SPEC = PlatformSpec(
