@@ -253,7 +253,12 @@ class Bitrix24Client(PlatformClient):
                 "BRIDGE_BITRIX24_PORTAL_URL, _CLIENT_ID, _CLIENT_SECRET, _REFRESH_TOKEN"
             )
         self._http = httpx.AsyncClient(
-            headers={"Accept": "application/json", "User-Agent": "bridge (order-status sync)"},
+            # Without this header the portal parses the body as a form and sees no parameters.
+            headers={
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+                "User-Agent": "bridge (order-status sync)",
+            },
             timeout=httpx.Timeout(settings.bitrix24_timeout_seconds, connect=15.0),
             transport=transport,
         )
