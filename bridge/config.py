@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     max_webhook_bytes: int = Field(64 * 1024, ge=1024)
 
     # -- the worker and delivery ------------------------------------------------------------
-    worker_concurrency: int = Field(16, ge=1, le=1000)
+    # Orders decided at once; also how many reads can share one batch call.
+    worker_concurrency: int = Field(50, ge=1, le=1000)
     # Longer than the slowest platform call (Shoptet's 80 s timeout), so a slow read is not
     # picked up a second time while it is still running.
     hint_lease_seconds: float = Field(120.0, gt=0)

@@ -28,6 +28,7 @@ from bridge.models import (
 )
 from bridge.platforms.base import PlatformClient, ReadFailed
 from bridge.policy import decide
+from bridge.reads import CoalescingReader
 from bridge.store.base import Store
 
 log = logging.getLogger("bridge.worker")
@@ -65,7 +66,7 @@ class Worker:
         mapping: StatusMapping,
         metrics: Metrics,
         *,
-        concurrency: int = 16,
+        concurrency: int = 50,
         lease_seconds: float = 60.0,
         read_retry_seconds: float = 5.0,
         idle_seconds: float = 1.0,
@@ -74,6 +75,8 @@ class Worker:
     ) -> None:
         self._store = store
         self._clients = clients
+        # Concurrent reads of one platform share a batch call where the platform has one.
+        self._readers = {name: CoalescingReader(client) for name, client in clients.items()}
         self._mapping = mapping
         self._metrics = metrics
         self._concurrency = concurrency
@@ -241,7 +244,7 @@ class Worker:
     ) -> tuple[str, str | None] | None:
         """Read the order on its platform: (native status, order key), or None when handled."""
         try:
-            snapshot = await client.read(batch.ref)
+            snapshot = await self._readers[batch.platform].read(batch.ref)
         except ReadFailed as exc:
             log.warning("reading %s order %s failed: %s", batch.platform, batch.ref, exc.reason)
             retry_at = self._clock() + (exc.retry_after or self._read_retry)

@@ -109,6 +109,19 @@ class PlatformClient(ABC):
     async def read_by_key(self, order_key: str) -> Snapshot | None:
         """The order's current status by the cross-platform order key; None if not found."""
 
+    async def read_many(self, refs: Sequence[str]) -> dict[str, Snapshot | ReadFailed | None]:
+        """Several reads at once; platforms with a batch call override this (and
+        ``reads_in_batches``). Each ref gets its snapshot, None, or its own failure."""
+        results: dict[str, Snapshot | ReadFailed | None] = {}
+        for ref in refs:
+            try:
+                results[ref] = await self.read(ref)
+            except ReadFailed as exc:
+                results[ref] = exc
+        return results
+
+    reads_in_batches: ClassVar[int] = 0  # >0: read_many takes up to this many refs in one call
+
     @abstractmethod
     async def write(self, request: WriteRequest) -> Outcome:
         """Drive one order to a native status. Never raises for HTTP or network trouble."""

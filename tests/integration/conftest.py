@@ -7,6 +7,7 @@ event loop, so tests can look into its store directly.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,15 +18,15 @@ import pytest
 from pydantic import SecretStr
 
 from bridge.config import Settings
-from bridge.mapping import load_mapping
-from bridge.platforms import PLATFORMS
 from bridge.sandbox.metakocka import MetaKockaSimulator
 from bridge.sandbox.server import ServerThread, serve_in_loop
 from bridge.sandbox.shoptet import ShoptetSimulator
 from bridge.service import Bridge
+from tests.mappings import mapping, mapping_file
 
-EXAMPLE_MAPPING = Path(__file__).parents[2] / "bridge" / "mapping.example.toml"
-MAPPING = load_mapping(EXAMPLE_MAPPING, PLATFORMS)
+MAPPING = mapping(("shoptet", "metakocka"))
+# The two-platform example as a file, for tests that read or derive from it.
+EXAMPLE_MAPPING = mapping_file(Path(tempfile.mkdtemp(prefix="bridge-test-mapping-")))
 
 # Shoptet ids and MetaKocka Opis values of the example mapping.
 SHOPTET = {"new": -1, "paid": 2, "processing": -2, "shipped": 3, "completed": -3, "cancelled": -4}
@@ -51,7 +52,7 @@ class World:
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "database_url": f"sqlite:///{self.tmp / 'bridge.sqlite3'}",
-            "mapping_file": EXAMPLE_MAPPING,
+            "mapping_file": mapping_file(self.tmp),
             "shoptet_base_url": self.shoptet_url,
             "shoptet_api_token": SecretStr(self.shoptet.token),
             "shoptet_webhook_key": SecretStr(self.shoptet.signature_key),

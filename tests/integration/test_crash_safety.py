@@ -30,7 +30,8 @@ from bridge.sandbox.server import ServerThread
 from bridge.sandbox.shoptet import ShoptetSimulator
 from bridge.signing import hmac_sha1_hex
 from bridge.store.sqlite import SQLiteStore
-from tests.integration.conftest import EXAMPLE_MAPPING, MK, SHOPTET, eventually
+from tests.integration.conftest import MK, SHOPTET, eventually
+from tests.mappings import mapping_file
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +110,7 @@ async def test_sigkill_at_any_moment_loses_nothing_accepted(
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
         "BRIDGE_DATABASE_URL": f"sqlite:///{database}",
-        "BRIDGE_MAPPING_FILE": str(EXAMPLE_MAPPING),
+        "BRIDGE_MAPPING_FILE": str(mapping_file(tmp_path)),
         "BRIDGE_SHOPTET_BASE_URL": shoptet_url,
         "BRIDGE_SHOPTET_API_TOKEN": shoptet.token,
         "BRIDGE_SHOPTET_WEBHOOK_KEY": shoptet.signature_key,

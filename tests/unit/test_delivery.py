@@ -1,19 +1,17 @@
 """Delivery decisions with the in-memory store and a scripted client (no I/O)."""
 
-from pathlib import Path
-
 import pytest
 
 from bridge.delivery import MAX_CONFLICTS, Dispatcher
-from bridge.mapping import load_mapping
 from bridge.metrics import Metrics
 from bridge.models import DesiredWrite, Observation, Snapshot
 from bridge.platforms import PLATFORMS
 from bridge.platforms.base import Outcome, PlatformClient, WriteRequest
 from bridge.retry import RetryPolicy
 from bridge.store.memory import MemoryStore
+from tests.mappings import mapping
 
-MAPPING = load_mapping(Path(__file__).parents[2] / "bridge" / "mapping.example.toml", PLATFORMS)
+MAPPING = mapping(("shoptet", "metakocka"))
 T0 = 1_000.0
 
 

@@ -12,7 +12,8 @@ EXAMPLE = Path(__file__).parents[2] / "bridge" / "mapping.example.toml"
 
 def test_the_shipped_example_is_valid() -> None:
     mapping = load_mapping(EXAMPLE, PLATFORMS)
-    assert mapping.platforms == {"shoptet", "metakocka"}
+    assert mapping.platforms == {"shoptet", "metakocka", "bitrix24"}
+    assert mapping.target_for("bitrix24", "paid").native == "P"
     assert mapping.canonical_for("shoptet", "2") == "paid"
     assert mapping.canonical_for("metakocka", "created") == "new"  # an "also" status
     assert mapping.target_for("metakocka", "new").native == "new_order"
@@ -133,3 +134,13 @@ def test_unknown_native_status_is_unmapped() -> None:
     mapping = parse_mapping(base(), PLATFORMS)
     assert mapping.canonical_for("shoptet", "99") is None
     assert mapping.canonical_for("bitrix", "N") is None
+
+
+def test_the_test_mappings_follow_the_example() -> None:
+    from tests.mappings import mapping
+
+    two = mapping(("shoptet", "metakocka"))
+    assert two.platforms == {"shoptet", "metakocka"}
+    deals = mapping(("shoptet", "metakocka", "bitrix24"), bitrix_mode="deals")
+    assert deals.target_for("bitrix24", "completed").native == "WON"
+    assert deals.canonical_for("bitrix24", "LOSE") == "cancelled"

@@ -1,13 +1,11 @@
-from pathlib import Path
-
 import pytest
 
-from bridge.mapping import load_mapping
 from bridge.models import DesiredWrite, OrderState, PlatformState
 from bridge.platforms import PLATFORMS
 from bridge.policy import decide
+from tests.mappings import mapping
 
-MAPPING = load_mapping(Path(__file__).parents[2] / "bridge" / "mapping.example.toml", PLATFORMS)
+MAPPING = mapping(("shoptet", "metakocka"))
 S, M = "shoptet", "metakocka"
 
 
@@ -175,7 +173,6 @@ def test_a_first_sighting_never_writes_back_to_the_source_alone() -> None:
 
 def test_equal_rank_ties_are_broken_by_authority() -> None:
     from bridge.mapping import parse_mapping
-    from bridge.platforms import PLATFORMS
 
     data = {
         "authority": ["metakocka", "shoptet"],
