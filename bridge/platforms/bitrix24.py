@@ -523,14 +523,16 @@ class Bitrix24Client(PlatformClient):
             else:
                 refs[i] = ref
         pending = sorted(refs)
-        if len(pending) == 1:
-            i = pending[0]
-            outcomes[i] = await self.write(
+        if len(pending) == 1:  # one update costs what a batch of one costs: send it plainly
+            i = pending.pop()
+            outcome = await self.write(
                 WriteRequest(
                     requests[i].order_key, requests[i].native, refs[i], requests[i].options
                 )
             )
-            pending = []
+            if outcome.kind == "done" and not requests[i].ref:
+                outcome = Outcome("done", warning=outcome.warning, learned_ref=refs[i])
+            outcomes[i] = outcome
         for start in range(0, len(pending), BATCH_LIMIT):
             chunk = pending[start : start + BATCH_LIMIT]
             cmd = {

@@ -18,6 +18,8 @@ import pytest
 from pydantic import SecretStr
 
 from bridge.config import Settings
+from bridge.mapping import StatusMapping
+from bridge.sandbox.bitrix24 import DEFAULT_SALE_STATUSES, Bitrix24Simulator, SaleStatus
 from bridge.sandbox.metakocka import MetaKockaSimulator
 from bridge.sandbox.server import ServerThread, serve_in_loop
 from bridge.sandbox.shoptet import ShoptetSimulator
@@ -35,7 +37,32 @@ MK = {
     "paid": "in_progress",
     "processing": "ready_to_ship",
     "shipped": "shipped",
+    "completed": "completed",
+    "cancelled": "canceled",
 }
+
+
+BITRIX = {
+    "orders": {
+        "new": "N",
+        "paid": "P",
+        "processing": "PR",
+        "shipped": "S",
+        "completed": "F",
+        "cancelled": "D",
+    },
+    "deals": {
+        "new": "NEW",
+        "paid": "PREPARATION",
+        "processing": "EXECUTING",
+        "shipped": "FINAL_INVOICE",
+        "completed": "WON",
+        "cancelled": "LOSE",
+    },
+}
+BITRIX_EVENTS = {"orders": ["ONSALEORDERSAVED"], "deals": ["ONCRMDEALUPDATE", "ONCRMDEALADD"]}
+# The example mapping's own Bitrix24 order status for "processing" (operators create it).
+PROCESSING_STATUS = SaleStatus("PR", "O", 25, "#FFF3B0")
 
 
 @dataclass
@@ -48,6 +75,19 @@ class World:
     bridge: Bridge | None = None
     bridge_url: str = ""
     mk_ids: dict[str, str] = field(default_factory=dict)
+    bitrix: Bitrix24Simulator | None = None
+    bitrix_url: str = ""
+    bitrix_ids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return self.bitrix.mode if self.bitrix else ""
+
+    @property
+    def mapping(self) -> StatusMapping:
+        if self.bitrix is None:
+            return MAPPING
+        return mapping(("shoptet", "metakocka", "bitrix24"), self.bitrix.mode)
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -67,14 +107,67 @@ class World:
             "retry_base_seconds": 0.05,
             "retry_cap_seconds": 0.3,
         }
+        if self.bitrix is not None:
+            values.update(
+                bitrix24_mode=self.bitrix.mode,
+                bitrix24_webhook_url=SecretStr(self.bitrix_url + self.bitrix.webhook_path),
+                bitrix24_application_token=SecretStr(self.bitrix.application_token),
+                bitrix24_rate_per_second=self.bitrix_rate,
+                bitrix24_burst=self.bitrix_burst,
+                bitrix24_poll_interval_seconds=0.5,
+                bitrix24_poll_overlap_seconds=2.0,
+            )
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    bitrix_rate: float = 20.0
+    bitrix_burst: int = 50
 
     def add_order(self, code: str, canonical: str = "new") -> str:
         self.shoptet.add_order(code, SHOPTET[canonical])
         mk_id = self.metakocka.add_order(code, MK[canonical])
         self.mk_ids[code] = mk_id
+        if self.bitrix is not None:
+            native = BITRIX[self.mode][canonical]
+            if self.mode == "orders":
+                self.bitrix_ids[code] = self.bitrix.add_order(native, xml_id=code)
+            else:
+                self.bitrix_ids[code] = self.bitrix.add_deal(native, ORIGIN_ID=code)
         return mk_id
+
+    def bitrix_status(self, code: str) -> str:
+        assert self.bitrix is not None
+        if self.mode == "orders":
+            return str(self.bitrix.order(self.bitrix_ids[code])["statusId"])
+        return str(self.bitrix.deal(self.bitrix_ids[code])["STAGE_ID"])
+
+    def set_bitrix_status(self, code: str, canonical: str) -> None:
+        assert self.bitrix is not None
+        native = BITRIX[self.mode][canonical]
+        if self.mode == "orders":
+            self.bitrix.set_order_status_as_person(self.bitrix_ids[code], native)
+        else:
+            self.bitrix.set_deal_stage_as_person(self.bitrix_ids[code], native)
+
+    def bitrix_writes(self, code: str | None = None) -> list[Any]:
+        """Status updates the bridge sent to Bitrix24 (batched ones included)."""
+        assert self.bitrix is not None
+        method = "sale.order.update" if self.mode == "orders" else "crm.deal.update"
+        calls = [c for c in self.bitrix.requests if c.method == method]
+        calls += [c for c in self.bitrix.subcalls if c.method == method]
+        if code is None:
+            return calls
+        wanted = str(self.bitrix_ids[code])
+        return [c for c in calls if str((c.params or {}).get("id")) == wanted]
+
+    def agreed(self, code: str, canonical: str) -> bool:
+        ok = (
+            self.shoptet_status(code) == SHOPTET[canonical]
+            and self.mk_status(code) == MK[canonical]
+        )
+        if self.bitrix is not None:
+            ok = ok and self.bitrix_status(code) == BITRIX[self.mode][canonical]
+        return ok
 
     def shoptet_status(self, code: str) -> int:
         return int(self.shoptet.order(code)["status"]["id"])
@@ -120,9 +213,14 @@ async def eventually(
 
 
 async def agreed_on(world: World, code: str, canonical: str) -> bool:
+    """The bridge knows the order on every platform and has agreed on ``canonical``."""
     assert world.bridge is not None
     order = await world.bridge.store.load_order(code)
-    return order is not None and order.canonical == canonical and len(order.platforms) == 2
+    return (
+        order is not None
+        and order.canonical == canonical
+        and len(order.platforms) == len(world.mapping.platforms)
+    )
 
 
 async def audit_has(world: World, kind: str, **detail: Any) -> bool:
@@ -135,10 +233,16 @@ async def audit_has(world: World, kind: str, **detail: Any) -> bool:
 
 async def settle(world: World, seconds: float = 1.0) -> None:
     """Let echoes come back and pollers run (for asserting that nothing *more* happens)."""
+
+    def idle() -> None:
+        world.shoptet.wait_webhooks_idle()
+        if world.bitrix is not None:
+            world.bitrix.wait_events_idle()
+
     # In a thread: the bridge answering those webhooks runs in this event loop.
-    await asyncio.to_thread(world.shoptet.wait_webhooks_idle)
+    await asyncio.to_thread(idle)
     await asyncio.sleep(seconds)
-    await asyncio.to_thread(world.shoptet.wait_webhooks_idle)
+    await asyncio.to_thread(idle)
 
 
 @pytest.fixture
@@ -148,6 +252,28 @@ def sims(tmp_path: Path) -> Iterator[World]:
     with ServerThread(shoptet.app) as s, ServerThread(metakocka.app) as m:
         yield World(shoptet, s.url, metakocka, m.url, tmp_path)
     shoptet.close()
+
+
+@pytest.fixture(params=["orders", "deals"])
+def sims3(request: pytest.FixtureRequest, sims: World) -> Iterator[World]:
+    """The two simulators plus Bitrix24, in sale-orders mode and in CRM-deals mode."""
+    bitrix = Bitrix24Simulator(
+        mode=request.param,
+        rate_per_second=sims.bitrix_rate,
+        burst=sims.bitrix_burst,
+        sale_statuses=(*DEFAULT_SALE_STATUSES, PROCESSING_STATUS),
+    )
+    with ServerThread(bitrix.app) as b:
+        sims.bitrix, sims.bitrix_url = bitrix, b.url
+        yield sims
+    bitrix.close()
+
+
+@pytest.fixture
+async def world3(sims3: World) -> AsyncIterator[World]:
+    """Three platforms and a running bridge, all event webhooks pointed at it."""
+    async with running_bridge(sims3):
+        yield sims3
 
 
 @pytest.fixture
@@ -165,12 +291,16 @@ class running_bridge:
         self._cm: Any = None
 
     async def __aenter__(self) -> Bridge:
-        bridge = Bridge(self.world.settings(**self.overrides), mapping=MAPPING)
+        bridge = Bridge(self.world.settings(**self.overrides), mapping=self.world.mapping)
         self._cm = serve_in_loop(bridge.app)
         url = await self._cm.__aenter__()
         self.world.bridge, self.world.bridge_url = bridge, url
         if self.register:
             self.world.shoptet.register_webhook("order:update", f"{url}/webhooks/shoptet")
+            if self.world.bitrix is not None:
+                self.world.bitrix.register_outgoing_webhook(
+                    f"{url}/webhooks/bitrix24", BITRIX_EVENTS[self.world.mode]
+                )
         return bridge
 
     async def __aexit__(self, *exc: object) -> None:
