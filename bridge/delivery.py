@@ -90,6 +90,8 @@ class Dispatcher:
         """Send every write due now to ``platform`` (one claim's worth); returns how many."""
         spec = self._specs[platform]
         client = self._clients[platform]
+        # Wait for the platform's rate limit first: what becomes due meanwhile joins the claim.
+        await client.wait_ready()
         claimed = await self._store.claim_deliveries(
             platform, spec.write_batch, self._clock(), self._lease
         )

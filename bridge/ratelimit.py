@@ -54,6 +54,15 @@ class LeakyBucket:
                 self._drain(self._clock())
             self._level += 1
 
+    async def wait_for_room(self) -> None:
+        """Wait until a request would go out at once, without taking the slot.
+
+        Callers that batch use it to wait *before* deciding what to send, so that whatever
+        piles up meanwhile goes out in the same request.
+        """
+        while (wait := self.wait_time()) > 0:
+            await self._sleep(wait)
+
     def fill(self) -> None:
         """The platform said the bucket is full (someone else uses it too): start from full."""
         self._drain(self._clock())

@@ -122,6 +122,14 @@ class PlatformClient(ABC):
 
     reads_in_batches: ClassVar[int] = 0  # >0: read_many takes up to this many refs in one call
 
+    async def wait_ready(self) -> None:
+        """Return when a request would not have to wait for the platform's rate limit.
+
+        Batching callers wait here before choosing what goes into the next call, so a backlog
+        that builds up while the platform is busy leaves in full batches.
+        """
+        return  # no client-side rate limit by default
+
     @abstractmethod
     async def write(self, request: WriteRequest) -> Outcome:
         """Drive one order to a native status. Never raises for HTTP or network trouble."""
