@@ -58,7 +58,7 @@ class _TooLarge(Exception):
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise HTTPException(400, "Content-Length is not a number")
         if int(declared) > limit:
             raise _TooLarge
@@ -117,13 +117,18 @@ def create_app(
         return json_response(200, {"status": "ok", "pending_hints": pending})
 
     async def metrics_endpoint(request: Request) -> Response:
-        await bridge.refresh_gauges()
+        try:
+            await bridge.refresh_gauges()
+        except Exception as exc:  # the counters are still worth serving; the gauges go stale
+            log.warning("metrics: could not refresh the store gauges: %r", exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         detail = exc.detail if exc.status_code != 404 else f"no route for {request.url.path}"
-        return error(exc.status_code, str(detail))
+        response = error(exc.status_code, str(detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -64,15 +64,19 @@ def classify_answer(body: Any) -> Outcome:
         return Outcome("done")
     desc = str(body.get("opr_desc") or body.get("opr_desc_app") or body.get("error_desc") or "")
     reason = f"opr_code {code}: {desc}" if desc else f"opr_code {code}"
-    if _NOT_FOUND.search(desc):
+    # Quoted values (a status, an id) must not decide: a status named "blocked" says "lock".
+    plain = re.sub(r"'[^']*'|\"[^\"]*\"", "", desc)
+    if _NOT_FOUND.search(plain):
         return Outcome("not_found", reason=reason)
-    if code == "5" or _TRANSIENT.search(desc):
+    if _PERMANENT.search(plain):
+        return Outcome("permanent", reason=reason)
+    if code == "5" or _TRANSIENT.search(plain):
         return Outcome("retry", reason=reason)
     if code in ("3", "4"):
         # Credentials or IP allow-list: a configuration fix makes every pending write work
         # again, so keep them within the retry horizon instead of dead-lettering them all.
         return Outcome("retry", reason=f"access refused: {reason}")
-    if _PERMANENT.search(desc) or code in ("2", "6"):
+    if code in ("2", "6"):
         return Outcome("permanent", reason=reason)
     return Outcome("retry", reason=reason)  # "1": unknown internal error
 

@@ -97,7 +97,9 @@ def parse_webhook(settings: Settings, headers: Mapping[str, str], body: bytes) -
             codes = orjson.loads(instance)
         except orjson.JSONDecodeError:
             raise WebhookRejected(400, f"{event} eventInstance must be a JSON list") from None
-        if not isinstance(codes, list) or not all(isinstance(c, str | int) for c in codes):
+        if not isinstance(codes, list) or not all(
+            isinstance(c, str | int) and not isinstance(c, bool) for c in codes
+        ):
             raise WebhookRejected(400, f"{event} eventInstance must be a list of order codes")
         return ParsedWebhook(event, tuple(dict.fromkeys(_order_code(str(c)) for c in codes)))
     return ParsedWebhook(event, ())

@@ -122,7 +122,8 @@ class Store(ABC):
 
     @abstractmethod
     async def next_delivery_at(self, platform: str) -> float | None:
-        """When the earliest pending write for ``platform`` is due (None: nothing pending)."""
+        """When the earliest pending write for ``platform`` can be claimed (None: nothing
+        pending); a leased row counts from the end of its lease."""
 
     @abstractmethod
     async def pending_deliveries(self, platform: str | None = None) -> int: ...

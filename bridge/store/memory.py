@@ -290,7 +290,7 @@ class MemoryStore(Store):
 
     async def next_delivery_at(self, platform: str) -> float | None:
         due = [
-            row.next_try_at
+            max(row.next_try_at, row.lease_until or 0.0)
             for key, row in self._rows.items()
             if key[1] == platform and row.state == "pending"
         ]

@@ -178,8 +178,10 @@ WHERE order_key = :key AND platform = :platform AND version = :version
 _CLEAR_LEASE = (
     "UPDATE deliveries SET lease_until = NULL WHERE order_key = :key AND platform = :platform"
 )
+# A leased row is not due before its lease ends, whatever its next_try_at says.
 _NEXT_DELIVERY_AT = (
-    "SELECT min(next_try_at) FROM deliveries WHERE platform = ? AND state = 'pending'"
+    "SELECT min(max(next_try_at, coalesce(lease_until, 0))) FROM deliveries"
+    " WHERE platform = ? AND state = 'pending'"
 )
 _COUNT_PENDING = "SELECT count(*) FROM deliveries WHERE state = 'pending'"
 _COUNT_PENDING_FOR = "SELECT count(*) FROM deliveries WHERE state = 'pending' AND platform = ?"

@@ -484,13 +484,6 @@ async def test_metakocka_unknown_status_is_dead_lettered(sims: Sims) -> None:
     assert world.mk_status(CODE) == MK["paid"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/platforms/metakocka.py:69 classify_answer() tries the transient pattern "
-    "before the permanent one (:75), on an opr_desc that quotes the status: an unknown status "
-    "whose name contains 'lock', 'limit', 'quot', ... ('blocked') is retried for a day "
-    "instead of dead-lettered",
-)
 async def test_metakocka_unknown_status_named_like_a_transient_error_is_dead_lettered(
     sims: Sims,
 ) -> None:
@@ -573,14 +566,6 @@ async def test_never_two_writes_for_one_order_at_once(make_sims: MakeSims) -> No
     assert patch_statuses(world)[-1] == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/delivery.py:77-85 + store/sqlite.py:181 next_delivery_at() ignores leases: "
-    "a due row leased by another "
-    "(or a crashed) instance gives next_delivery_at() in the past, so the loop never sleeps "
-    "and claims in a busy loop (thousands of write transactions a second) until the lease "
-    "ends (delivery_lease_seconds, 120 s)",
-)
 async def test_a_write_leased_elsewhere_does_not_make_delivery_spin(sims: Sims) -> None:
     world = sims.world
     world.add_order(CODE)

@@ -350,11 +350,6 @@ async def test_signature_of_a_different_body_is_401(
     await assert_nothing_stored(refusing)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/signing.py:18 hmac.compare_digest() raises TypeError on a str with "
-    "non-ASCII characters, so a signature header with any byte >= 0x80 gives a 500",
-)
 async def test_a_non_ascii_signature_header_is_401_not_500(
     refusing: World, refuse: httpx.AsyncClient
 ) -> None:
@@ -469,11 +464,6 @@ async def test_a_bad_mass_update_list_is_400_and_stores_none_of_it(
     await assert_nothing_stored(refusing)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/platforms/shoptet.py:100 isinstance(c, str | int) lets JSON booleans "
-    "through (bool is an int): [true] is stored as a hint for order code 'True'",
-)
 async def test_a_mass_update_list_of_booleans_is_400(
     sims: World, bridge: Bridge, client: httpx.AsyncClient
 ) -> None:
@@ -556,11 +546,6 @@ async def test_a_non_numeric_content_length_is_400(
     await assert_nothing_stored(refusing)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/app.py:61 str.isdigit() accepts Unicode digits such as '²' (latin-1 byte "
-    "0xB2), then int() raises ValueError: a 500 instead of a 400",
-)
 async def test_a_content_length_of_unicode_digits_is_400(local: httpx.AsyncClient) -> None:
     response = await local.post(PATH, content=b"{}", headers={"Content-Length": b"\xb2"})
     assert_error(response, 400, "bad_request", "Content-Length")
@@ -594,11 +579,6 @@ async def test_other_methods_on_the_webhook_path_are_405(
     await assert_nothing_stored(refusing)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/app.py:123-126 http_error() drops HTTPException.headers, so a 405 has no "
-    "Allow header (RFC 9110 15.5.6: the server MUST send one)",
-)
 async def test_a_405_says_which_methods_are_allowed(refuse: httpx.AsyncClient) -> None:
     response = await refuse.get(PATH)
     assert response.status_code == 405
@@ -723,11 +703,6 @@ async def test_store_closed_webhook_and_healthz_answer_503_json(sims: World) -> 
         assert bridge.inbox.stored == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/app.py:119-120 /metrics calls refresh_gauges() unguarded: with the store "
-    "down it answers a 500 (and logs a traceback) instead of the counters",
-)
 async def test_metrics_still_answer_while_the_store_is_closed(sims: World) -> None:
     async with (
         serve(sims) as bridge,
@@ -778,7 +753,7 @@ _bodies = st.one_of(
     _near_valid, _near_valid, _near_valid, st.binary(max_size=300), _json.map(orjson.dumps)
 )
 # Header values a real HTTP server passes on: visible ASCII and spaces (non-ASCII ones are
-# covered by the xfail tests above).
+# covered by the tests above).
 _header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
 _headers = st.dictionaries(
     st.sampled_from(["content-type", "content-encoding", "x-forwarded-for", "transfer-encoding"]),

@@ -405,7 +405,8 @@ async def test_a_new_desire_keeps_the_lease_of_the_write_in_flight(store: Store)
 
     # No second write for this order and platform while the first is out.
     assert await store.claim_deliveries(MK, 10, T0 + 1, LEASE) == []
-    assert await store.next_delivery_at(MK) == T0 + 1
+    # Claimable once the lease of the write in flight ends, not before.
+    assert await store.next_delivery_at(MK) == T0 + LEASE
     later = await claim_one(store, T0 + LEASE)
     assert (later.native, later.version) == ("Q", 2)
 
@@ -604,9 +605,10 @@ async def test_next_delivery_at_and_pending_counts(store: Store) -> None:
     await desire(store, "P", key="K1", at=T0 + 5)
     await desire(store, "P", key="K2", at=T0 + 2)
     await desire(store, "P", key="K3", at=T0, target=BX)
-    await claim_one(store, T0 + 2)  # leased rows still count and still set the time
+    await claim_one(store, T0 + 2)  # K2, now leased until T0 + 2 + LEASE
 
-    assert await store.next_delivery_at(MK) == T0 + 2
+    # A leased row counts from the end of its lease: K1 is the earliest claimable.
+    assert await store.next_delivery_at(MK) == T0 + 5
     assert await store.next_delivery_at(BX) == T0
     assert await store.next_delivery_at("shoptet") is None
     assert await store.pending_deliveries() == 3

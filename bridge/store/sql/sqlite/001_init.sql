@@ -4,7 +4,9 @@
 -- Inbox. A hint is deleted when the worker's verdict on it is committed, so the table stays
 -- as small as the backlog; claimed_until is the lease (NULL: never claimed).
 CREATE TABLE hints (
-    id            INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: an id is never reused, so a worker whose lease ran out can never consume
+    -- (delete) a newer hint that happened to get its old hint's id.
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
     platform      TEXT NOT NULL,
     ref           TEXT NOT NULL,
     event         TEXT NOT NULL,
