@@ -107,6 +107,7 @@ def create_app(
             metrics.webhooks.labels(platform, "store_unavailable").inc()
             return error(503, "the store cannot take writes right now; retry later")
         metrics.webhooks.labels(platform, "accepted").inc()
+        metrics.hints.labels(platform, "webhook").inc(len(hints))
         return json_response(200, {"status": "accepted", "hints": len(hints)})
 
     async def health(request: Request) -> Response:

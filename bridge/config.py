@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     shoptet_content_type: str = "application/json"
     shoptet_timeout_seconds: float = Field(80.0, gt=0)
     shoptet_max_connections: int = Field(3, ge=1, le=3)
+    shoptet_poll_interval_seconds: float = Field(300.0, gt=0)
+    shoptet_poll_overlap_seconds: float = Field(900.0, ge=0)
 
     # -- MetaKocka --------------------------------------------------------------------------
     metakocka_base_url: str = "https://main.metakocka.si/rest/eshop/v1"

@@ -28,9 +28,16 @@ from bridge.worker import Worker
 log = logging.getLogger("bridge")
 
 
-def client_context(mapping: StatusMapping, platform: str, store: Store | None) -> ClientContext:
+def client_context(
+    mapping: StatusMapping,
+    platform: str,
+    store: Store | None,
+    on_call: Callable[[str, str], None] | None = None,
+) -> ClientContext:
     natives = frozenset().union(*(s.inbound[platform] for s in mapping.statuses.values()))
-    return ClientContext(store=store, natives=natives)
+    if on_call is None:
+        return ClientContext(store=store, natives=natives)
+    return ClientContext(store=store, natives=natives, on_call=on_call)
 
 
 class Bridge:
@@ -51,18 +58,20 @@ class Bridge:
         self.platforms = sorted(self.mapping.platforms)
         self.specs: dict[str, PlatformSpec] = {p: PLATFORMS[p] for p in self.platforms}
         self.store = store or open_store(settings.database_url)
+        self.metrics = Metrics()
         self.clients: dict[str, PlatformClient] = (
             dict(clients)
             if clients is not None
             else {
-                p: s.make_client(settings, client_context(self.mapping, p, self.store))
+                p: s.make_client(
+                    settings, client_context(self.mapping, p, self.store, self._count_call)
+                )
                 for p, s in self.specs.items()
             }
         )
         missing = set(self.platforms) - set(self.clients)
         if missing:
             raise ConfigError(f"no client for mapped platform(s): {', '.join(sorted(missing))}")
-        self.metrics = Metrics()
         self.clock = clock
         self.retry = RetryPolicy(
             base_seconds=settings.retry_base_seconds,
@@ -115,6 +124,9 @@ class Bridge:
         value = getattr(self.settings, f"{platform}_poll_{name}")
         assert isinstance(value, float | int)
         return float(value)
+
+    def _count_call(self, platform: str, method: str) -> None:
+        self.metrics.api_calls.labels(platform, method).inc()
 
     def _wake_worker(self) -> None:
         self.worker.wake.set()

@@ -33,6 +33,11 @@ class ClientContext:
 
     store: Store | None = None
     natives: frozenset[str] = frozenset()
+    # Told of every request sent: (platform, method). Counts the API economy.
+    on_call: Callable[[str, str], None] = lambda platform, method: None
+
+    def count(self, platform: str, method: str) -> None:
+        self.on_call(platform, method)
 
 
 class TargetOptions(BaseModel):

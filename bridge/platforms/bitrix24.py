@@ -208,6 +208,7 @@ class Bitrix24Client(PlatformClient):
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         context = context or ClientContext()
+        self._context = context
         self._mode: Mode = settings.bitrix24_mode
         self._entity = entity(self._mode)
         self._key_field = settings.bitrix24_key_field or self._entity.default_key_field
@@ -289,6 +290,7 @@ class Bitrix24Client(PlatformClient):
                 body["auth"] = self._oauth["access_token"]
             try:
                 self.calls += 1
+                self._context.count(NAME, method)
                 response = await self._http.post(self._base + method, content=orjson.dumps(body))
             except httpx.HTTPError as exc:
                 raise ReadFailed(f"{method}: {exc!r}") from exc

@@ -131,6 +131,7 @@ class MetaKockaClient(PlatformClient):
         context: ClientContext | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self._context = context or ClientContext()
         if not settings.metakocka_company_id or settings.metakocka_secret_key is None:
             raise ConfigError(
                 "BRIDGE_METAKOCKA_COMPANY_ID and BRIDGE_METAKOCKA_SECRET_KEY are required "
@@ -151,6 +152,7 @@ class MetaKockaClient(PlatformClient):
 
     async def _call(self, method: str, body: dict[str, Any]) -> Any:
         """POST a call; raises httpx.HTTPError, or ReadFailed for a non-JSON / non-200 answer."""
+        self._context.count(NAME, method)
         response = await self._http.post(method, content=orjson.dumps({**self._auth, **body}))
         if response.status_code != 200:
             raise ReadFailed(f"{method}: HTTP {response.status_code}")

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +25,7 @@ import httpx
 import orjson
 
 from bridge.config import ConfigError, Settings
-from bridge.models import Snapshot
+from bridge.models import NewHint, Snapshot
 from bridge.platforms.base import (
     ClientContext,
     Outcome,
@@ -44,6 +45,7 @@ SIGNATURE_HEADER = "shoptet-webhook-signature"
 ORDER_EVENTS = frozenset({"order:create", "order:update", "order:cancel"})
 MASS_EVENTS = frozenset({"order:massUpdate"})
 MAX_CODE_LENGTH = 100
+ORDER_CODES_LIMIT = 50  # orderCodes per GET /api/orders, and orders per page
 # Shoptet's own lock on a repeated write lasts up to 5 s.
 LOCKED_RETRY_SECONDS = 5.0
 
@@ -185,6 +187,22 @@ def classify_write(status: int, headers: Mapping[str, str], body: Any, now: floa
     return Outcome("permanent", reason=reason)
 
 
+def shoptet_time(value: str) -> str:
+    """ISO 8601 as Shoptet writes it: ``2026-11-22T10:00:00+0000`` (no colon in the offset).
+
+    httpx encodes the ``+`` as ``%2B``; a literal ``+`` would arrive as a space.
+    """
+    return datetime.fromisoformat(value).strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def snapshot_from_summary(order: Mapping[str, Any]) -> Snapshot:
+    """A list item of ``GET /api/orders`` (it carries the status: no detail call needed)."""
+    code = str(order.get("code") or "")
+    status = order.get("status")
+    status_id = status.get("id") if isinstance(status, dict) else None
+    return Snapshot(NAME, code, code, "" if status_id is None else str(status_id))
+
+
 def snapshot_from_order(body: Any, code: str) -> Snapshot:
     order = body.get("data", {}).get("order") if isinstance(body, dict) else None
     if not isinstance(order, dict):
@@ -207,6 +225,7 @@ class ShoptetClient(PlatformClient):
         context: ClientContext | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self._context = context or ClientContext()
         token = settings.shoptet_api_token
         if token is None:
             raise ConfigError("BRIDGE_SHOPTET_API_TOKEN is required when Shoptet is mapped")
@@ -227,8 +246,9 @@ class ShoptetClient(PlatformClient):
         self._slots = asyncio.Semaphore(settings.shoptet_max_connections)
         self._paused_until = 0.0
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, label: str, **kwargs: Any) -> httpx.Response:
         async with self._slots:
+            self._context.count(NAME, label)
             wait = self._paused_until - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -241,7 +261,7 @@ class ShoptetClient(PlatformClient):
 
     async def read(self, ref: str) -> Snapshot | None:
         try:
-            response = await self._request("GET", order_path(ref))
+            response = await self._request("GET", order_path(ref), "GET /api/orders/{code}")
         except httpx.HTTPError as exc:
             raise ReadFailed(f"GET order {ref}: {exc!r}") from exc
         if response.status_code == 404:
@@ -252,6 +272,63 @@ class ShoptetClient(PlatformClient):
             raise ReadFailed(f"GET order {ref}: {_describe(response.status_code, body)}", wait)
         return snapshot_from_order(body, ref)
 
+    reads_in_batches = ORDER_CODES_LIMIT
+
+    async def read_many(self, refs: Sequence[str]) -> dict[str, Snapshot | ReadFailed | None]:
+        """Up to 50 orders per ``GET /api/orders?orderCodes=``; a code not listed is missing."""
+        results: dict[str, Snapshot | ReadFailed | None] = {}
+        for start in range(0, len(refs), ORDER_CODES_LIMIT):
+            chunk = list(refs[start : start + ORDER_CODES_LIMIT])
+            if len(chunk) == 1:  # the detail costs the same and says "not found" plainly
+                try:
+                    results[chunk[0]] = await self.read(chunk[0])
+                except ReadFailed as exc:
+                    results[chunk[0]] = exc
+                continue
+            try:
+                orders = [
+                    o async for page in self._list({"orderCodes": ",".join(chunk)}) for o in page
+                ]
+            except ReadFailed as exc:
+                results.update((code, exc) for code in chunk)
+                continue
+            by_code = {s.ref: s for s in orders}
+            results.update((code, by_code.get(code)) for code in chunk)
+        return results
+
+    async def _list(self, params: Mapping[str, str]) -> AsyncIterator[list[Snapshot]]:
+        """Pages of ``GET /api/orders`` (50 a page, the most the API gives)."""
+        page = 1
+        while True:
+            query = {**params, "page": str(page), "itemsPerPage": str(ORDER_CODES_LIMIT)}
+            try:
+                response = await self._request(
+                    "GET", "/api/orders", "GET /api/orders", params=query
+                )
+            except httpx.HTTPError as exc:
+                raise ReadFailed(f"GET orders: {exc!r}") from exc
+            body = _json(response)
+            if response.status_code != 200:
+                wait = parse_retry_after(response.headers.get("retry-after"), time.time())
+                raise ReadFailed(f"GET orders: {_describe(response.status_code, body)}", wait)
+            data = body.get("data") if isinstance(body, dict) else None
+            items = data.get("orders") if isinstance(data, dict) else None
+            yield [snapshot_from_summary(o) for o in items or [] if isinstance(o, dict)]
+            paginator = data.get("paginator") if isinstance(data, dict) else None
+            page_count = paginator.get("pageCount") if isinstance(paginator, dict) else None
+            if not isinstance(page_count, int) or page >= page_count:
+                return
+            page += 1
+
+    async def changes_since(self, since: str | None, until: str) -> AsyncIterator[list[NewHint]]:
+        params = {"changeTimeTo": shoptet_time(until)}
+        if since is not None:
+            params["changeTimeFrom"] = shoptet_time(since)
+        asked = time.time()
+        async for page in self._list(params):
+            yield [NewHint(NAME, s.ref, "poll", asked, s.native_status or None) for s in page]
+            asked = time.time()
+
     async def read_by_key(self, order_key: str) -> Snapshot | None:
         return await self.read(order_key)  # the order key is the Shoptet order code
 
@@ -260,7 +337,13 @@ class ShoptetClient(PlatformClient):
         code = request.ref or request.order_key
         params, body = status_request(request.native, request.options)
         try:
-            response = await self._request("PATCH", status_path(code), params=params, json=body)
+            response = await self._request(
+                "PATCH",
+                status_path(code),
+                "PATCH /api/orders/{code}/status",
+                params=params,
+                json=body,
+            )
         except httpx.HTTPError as exc:
             return Outcome("retry", reason=f"PATCH status: {exc!r}")
         return classify_write(response.status_code, response.headers, _json(response), time.time())
@@ -282,7 +365,7 @@ SPEC = PlatformSpec(
     options=ShoptetOptions,
     make_client=ShoptetClient,
     parse_webhook=parse_webhook,
-    polled=False,
+    polled=True,  # webhooks are given up after 3 tries; the poller catches what they miss
     write_concurrency=3,
     write_batch=3,
 )

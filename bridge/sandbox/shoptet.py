@@ -404,6 +404,7 @@ class ShoptetSimulator:
         self._writing: set[str] = set()
         self._fail_count = 0
         self._fail_status = 503
+        self._fail_method: str | None = None
         self._down = False
         self._conflicts = 0
         self._latency = 0.0
@@ -563,11 +564,13 @@ class ShoptetSimulator:
             self._signature_key = secrets.token_hex(16)
             return self._signature_key
 
-    def fail_next(self, count: int, status: int = 503) -> None:
-        """Answer the next ``count`` API requests with ``status`` (after the connection check)."""
+    def fail_next(self, count: int, status: int = 503, method: str | None = None) -> None:
+        """Answer the next ``count`` API requests with ``status`` (after the connection check);
+        only requests with that HTTP ``method`` when one is given (e.g. only the writes)."""
         with self._lock:
             self._fail_count = count
             self._fail_status = status
+            self._fail_method = method
 
     def set_down(self, down: bool) -> None:
         """While down, every API request gets the 503 maintenance envelope."""
@@ -691,7 +694,7 @@ class ShoptetSimulator:
                     headers=self._common_headers(request_id)
                     | {"Retry-After": _http_date(math.ceil(self._clock()) + 1)},
                 )
-            if self._fail_count > 0:
+            if self._fail_count > 0 and self._fail_method in (None, method):
                 self._fail_count -= 1
                 return self._render(self._failure(self._fail_status), request_id)
             auth_error = self._check_token(headers)

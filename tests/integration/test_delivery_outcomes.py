@@ -279,7 +279,7 @@ async def test_429_waits_for_retry_after_then_writes_once(sims: Sims) -> None:
     world = sims.world
     async with serve(world):
         mk_id = await agreed_order(world)
-        world.shoptet.fail_next(1, 429)  # the JSON 429, with Retry-After as an HTTP date
+        world.shoptet.fail_next(1, 429, "PATCH")  # the JSON 429, with Retry-After as an HTTP date
         world.metakocka.set_status_as_person(mk_id, MK["shipped"])
         await eventually(lambda: world.shoptet_status(CODE) == SHOPTET["shipped"], within=6)
         await settle(world, 0.2)
@@ -298,7 +298,7 @@ async def test_423_locked_is_retried_after_the_lock_and_succeeds(
     world = sims.world
     async with serve(world):
         mk_id = await agreed_order(world)
-        world.shoptet.fail_next(1, 423)
+        world.shoptet.fail_next(1, 423, "PATCH")
         world.metakocka.set_status_as_person(mk_id, MK["shipped"])
         await eventually(lambda: world.shoptet_status(CODE) == SHOPTET["shipped"])
         await settle(world, 0.2)
@@ -312,7 +312,7 @@ async def test_5xx_is_retried_with_backoff_and_succeeds(sims: Sims, status: int)
     world = sims.world
     async with serve(world):
         mk_id = await agreed_order(world)
-        world.shoptet.fail_next(2, status)
+        world.shoptet.fail_next(2, status, "PATCH")
         world.metakocka.set_status_as_person(mk_id, MK["shipped"])
         await eventually(lambda: world.shoptet_status(CODE) == SHOPTET["shipped"])
         await eventually(lambda: audit_has(world, "written", native="3"))

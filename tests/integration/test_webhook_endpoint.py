@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import orjson
@@ -264,9 +264,13 @@ async def test_mass_update_stores_one_hint_per_order(
     assert response.status_code == 200
     assert response.json() == {"status": "accepted", "hints": 3}
     assert bridge.inbox.stored == 3
-    for code in codes:  # each one is read in Shoptet by the worker
+    for code in codes:  # each one is read in Shoptet by the worker (together: orderCodes)
         await eventually(
-            lambda code=code: any(r.path == f"/api/orders/{code}" for r in sims.shoptet.requests)
+            lambda code=code: any(
+                r.path == f"/api/orders/{code}"
+                or (r.path == "/api/orders" and code in unquote(r.query))
+                for r in sims.shoptet.requests
+            )
         )
 
 
