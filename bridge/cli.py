@@ -22,7 +22,7 @@ from bridge.store import open_store
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Keeps an order's status in agreement across Shoptet and MetaKocka.",
+    help="Keeps an order's status in agreement across Shoptet, MetaKocka and Bitrix24.",
 )
 err = Console(stderr=True)
 
@@ -71,6 +71,8 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request's full URL at INFO; a Bitrix24 webhook URL carries its secret.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     status_mapping = _mapping(settings)
     try:
         bridge = Bridge(settings, mapping=status_mapping)
@@ -148,9 +150,16 @@ def bitrix24_statuses(
     }
 
     async def run() -> StatusReport:
+        # The store holds the OAuth tokens `serve` keeps refreshed: use (and update) the same.
         try:
-            client = Bitrix24Client(settings, client_context(status_mapping, "bitrix24", None))
+            store = open_store(settings.database_url)
+        except ValueError as exc:
+            raise _fail(f"BRIDGE_DATABASE_URL: {exc}") from None
+        await store.open()
+        try:
+            client = Bitrix24Client(settings, client_context(status_mapping, "bitrix24", store))
         except ConfigError as exc:
+            await store.close()
             raise _fail(str(exc)) from None
         try:
             return await check_statuses(client, wanted, stamp=stamp)
@@ -158,6 +167,7 @@ def bitrix24_statuses(
             raise _fail(f"Bitrix24: {exc}") from None
         finally:
             await client.aclose()
+            await store.close()
 
     report = asyncio.run(run())
     if as_json:
@@ -167,6 +177,8 @@ def bitrix24_statuses(
         out.print(f"Bitrix24 ({report.mode} mode) defines: {', '.join(report.defined)}")
         for native, canonical in report.missing.items():
             out.print(f"[red]missing:[/] {native} (mapped as {canonical!r}) is not on the portal")
+        if stamp and report.mode == "deals":
+            out.print("--stamp applies to order statuses (orders mode); deal stages have no xmlId")
         if report.stamped:
             out.print(f"[green]stamped xmlId on:[/] {', '.join(report.stamped)}")
         elif report.unstamped and report.mode == "orders":

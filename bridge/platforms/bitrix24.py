@@ -154,6 +154,22 @@ def error_of(status: int, body: Any) -> B24Error | None:
     return None
 
 
+# Access problems (credentials, scope, plan): named by code, since inside a `batch` every
+# command's error comes without its own HTTP status.
+_ACCESS_CODES = frozenset(
+    {
+        "NO_AUTH_FOUND",
+        "INVALID_CREDENTIALS",
+        "insufficient_scope",
+        "ACCESS_DENIED",
+        "user_access_error",
+        "invalid_token",
+        "expired_token",
+        "WRONG_AUTH_TYPE",
+    }
+)
+
+
 def classify_error(error: B24Error, now: float) -> Outcome:
     """What an error means for a write (or a read)."""
     code, reason = error.code, str(error)
@@ -161,11 +177,13 @@ def classify_error(error: B24Error, now: float) -> Outcome:
         return Outcome("retry", reason=reason, retry_after=error.retry_after)
     if code == "OPERATION_TIME_LIMIT":
         return Outcome("retry", reason=reason, retry_after=error.retry_after or 60.0)
-    if _NOT_FOUND_CODE.match(code) or _NOT_FOUND_TEXT.search(error.description):
+    if _NOT_FOUND_CODE.match(code) or (
+        "METHOD" not in code.upper() and _NOT_FOUND_TEXT.search(error.description)
+    ):
         return Outcome("not_found", reason=reason)
-    if error.status >= 500 or code.startswith("HTTP_") or code in ("expired_token",):
+    if error.status >= 500 or code.startswith("HTTP_"):
         return Outcome("retry", reason=reason)
-    if error.status in (401, 403):
+    if error.status in (401, 403) or code in _ACCESS_CODES:
         # Credentials, scope or plan: a configuration fix makes the pending writes work again.
         return Outcome("retry", reason=f"access refused: {reason}")
     return Outcome("permanent", reason=reason)
@@ -279,6 +297,7 @@ class Bitrix24Client(PlatformClient):
         out and sent again (the bucket is then known to be full), so callers only see the
         errors that are really theirs.
         """
+        refreshed = False
         for _ in range(5):
             blocked = self._operating_until.get(method, 0.0) - time.time()
             if blocked > 0:
@@ -307,8 +326,17 @@ class Bitrix24Client(PlatformClient):
                 self.bucket.fill()
                 log.warning("Bitrix24 refused %s: request rate limit; slowing down", method)
                 continue
-            if error.code == "expired_token" and self._oauth is not None:
+            if self._oauth is not None and error.code in (
+                "expired_token",
+                "invalid_token",
+                "NO_AUTH_FOUND",
+            ):
+                # Expired, or never given (an empty BRIDGE_BITRIX24_ACCESS_TOKEN): exchange the
+                # refresh token once; a refusal of that surfaces as its own error.
+                if refreshed:
+                    raise error
                 await self._refresh(self._oauth["access_token"])
+                refreshed = True
                 continue
             if error.code == "OPERATION_TIME_LIMIT":
                 now = time.time()
