@@ -122,6 +122,122 @@ def check(mapping: MappingOption = None) -> None:
     Console().print("[green]settings and mapping are valid[/]")
 
 
+def parse_since(value: str, now: float) -> float:
+    """``7d``, ``24h``, ``90m`` ago, or an ISO 8601 date or date-time (UTC if no offset)."""
+    import re
+    from datetime import UTC, datetime
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([dhm])", value.strip())
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        return now - amount * {"d": 86_400, "h": 3_600, "m": 60}[unit]
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise _fail(f"--since {value!r}: use 7d, 24h, 90m or an ISO date like 2026-11-01") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+@app.command()
+def reconcile(
+    mapping: MappingOption = None,
+    platform: Annotated[
+        list[str] | None,
+        typer.Option("--platform", help="Only read this platform (repeatable; default: all)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Only orders seen since: 7d, 24h, 90m or an ISO date (default: all)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report the drift and what would be written.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compare every platform's status of the known orders with the agreed one; repair drift.
+
+    Repairs are recorded like any other decision: the running bridge (or the next `serve`)
+    delivers them. With --dry-run nothing is written anywhere.
+    """
+    import asyncio
+    import dataclasses
+    import json
+    import time
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from bridge.reconcile import SweepReport, sweep
+    from bridge.service import Bridge
+
+    settings = _settings(mapping)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    status_mapping = _mapping(settings)
+    unknown = sorted(set(platform or []) - status_mapping.platforms)
+    if unknown:
+        raise _fail(f"--platform {unknown[0]!r} is not in the mapping")
+    seen_since = parse_since(since, time.time()) if since else None
+    try:
+        bridge = Bridge(settings, mapping=status_mapping)
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+    async def run() -> SweepReport:
+        await bridge.store.open()
+        try:
+            with Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=err,
+                disable=as_json or not err.is_terminal,
+            ) as progress:
+                task = progress.add_task("checking orders: 0", total=None)
+                return await sweep(
+                    bridge.store,
+                    bridge.clients,
+                    status_mapping,
+                    platforms=platform,
+                    seen_since=seen_since,
+                    dry_run=dry_run,
+                    on_progress=lambda n: progress.update(
+                        task, description=f"checking orders: {n}"
+                    ),
+                )
+        finally:
+            for client in bridge.clients.values():
+                await client.aclose()
+            await bridge.store.close()
+
+    report = asyncio.run(run())
+    if as_json:
+        sys.stdout.write(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+        return
+    out = Console()
+    if report.drifted:
+        table = Table(title="orders whose platforms disagree")
+        table.add_column("order")
+        table.add_column("agreed")
+        table.add_column("shown")
+        table.add_column("to write" if dry_run else "written next")
+        for d in report.drifted:
+            table.add_row(
+                d.order_key,
+                f"{d.agreed} -> {d.new_agreed}" if d.new_agreed != d.agreed else str(d.agreed),
+                ", ".join(f"{p} {n}" for p, n in sorted(d.shown.items())),
+                ", ".join(f"{p} {n}" for p, n in sorted(d.writes.items())) or "-",
+            )
+        out.print(table)
+    unread = ", ".join(f"{p}: {n}" for p, n in sorted(report.unreadable.items()))
+    verb = "would be repaired" if dry_run else "repairs recorded"
+    out.print(
+        f"{report.checked} orders checked, {len(report.drifted)} drifted, "
+        f"{len(report.drifted) if dry_run else report.repaired} {verb}"
+        + (f"; not readable: {unread}" if unread else "")
+    )
+
+
 @app.command("bitrix24-statuses")
 def bitrix24_statuses(
     mapping: MappingOption = None,

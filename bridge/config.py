@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     retry_cap_seconds: float = Field(900.0, gt=0)
     retry_horizon_seconds: float = Field(86_400.0, gt=0)
     idle_check_seconds: float = Field(1.0, gt=0)
+    # The full sweep: every order seen in the window is read on every platform and drift is
+    # repaired. 0 turns it off.
+    sweep_interval_seconds: float = Field(86_400.0, ge=0)
+    sweep_window_days: float = Field(30.0, gt=0)
 
     # -- Shoptet ----------------------------------------------------------------------------
     shoptet_base_url: str = "https://api.myshoptet.com"

@@ -6,6 +6,7 @@ store records whatever it returns, atomically.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -134,3 +135,33 @@ def _writes(
             continue
         writes.append(DesiredWrite(platform, agreed, mapping.target_for(platform, agreed).native))
     return tuple(writes), tuple(already)
+
+
+def reconcile(mapping: StatusMapping, order: OrderState, shown: Mapping[str, str]) -> Verdict:
+    """A sweep's verdict: what the platforms show now (``shown``: platform -> native) against
+    the agreed status.
+
+    The most advanced status wins — one any platform shows, or the agreed one (rank, then
+    authority; the agreed status wins a tie, as the bridge cannot tell which is newer). A
+    platform showing more than the agreed status had a change the bridge missed (a lost
+    webhook): that becomes the agreement. A platform showing less lags behind (a lost write,
+    a change made while the bridge was down): it gets the agreed status. Unmapped statuses are
+    left alone. ``kind`` is "same" when nothing needs doing.
+    """
+    mapped = {p: c for p, n in shown.items() if (c := mapping.canonical_for(p, n)) is not None}
+    agreed = order.canonical if order.canonical in mapping.statuses else None
+    candidates: list[tuple[int, int, str]] = [
+        (mapping.rank(c), -mapping.authority_index(p), c) for p, c in mapped.items()
+    ]
+    if agreed is not None:
+        candidates.append((mapping.rank(agreed), 1, agreed))  # wins ties
+    if not candidates:
+        return Verdict("unmapped", None, agreed, reason="no platform shows a mapped status")
+    winner = max(candidates)[2]
+    writes, already = _writes(mapping, winner, mapped, exclude=None)
+    writes = tuple(w for w in writes if w.platform in mapped)  # only where the order exists
+    if winner == agreed and not writes:
+        return Verdict("same", winner, winner, supersede=already, reason="all agree")
+    kind: VerdictKind = "advance" if winner != agreed else "catch_up"
+    drift = ", ".join(f"{p} shows {c!r}" for p, c in sorted(mapped.items()) if c != winner)
+    return Verdict(kind, winner, winner, writes, already, f"agreed {agreed!r}; {drift}")

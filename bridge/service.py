@@ -21,6 +21,7 @@ from bridge.metrics import Metrics
 from bridge.platforms import PLATFORMS
 from bridge.platforms.base import ClientContext, PlatformClient, PlatformSpec
 from bridge.poller import Poller
+from bridge.reconcile import SweepReport, sweep
 from bridge.retry import RetryPolicy
 from bridge.store import Store, open_store
 from bridge.worker import Worker
@@ -151,6 +152,16 @@ class Bridge:
                     next_run_time=_now(),
                     misfire_grace_time=None,
                 )
+            if self.settings.sweep_interval_seconds > 0:
+                scheduler.add_job(
+                    self.run_sweep,
+                    "interval",
+                    seconds=self.settings.sweep_interval_seconds,
+                    id="sweep",
+                    max_instances=1,
+                    coalesce=True,
+                    misfire_grace_time=None,
+                )
             scheduler.start()
             self._scheduler = scheduler
         log.info(
@@ -178,6 +189,26 @@ class Bridge:
             yield
         finally:
             await self.stop()
+
+    async def run_sweep(self, *, dry_run: bool = False) -> SweepReport:
+        """Read every recently active order everywhere; repair what drifted. Never raises."""
+        since = self.clock() - self.settings.sweep_window_days * 86_400
+        try:
+            report = await sweep(
+                self.store, self.clients, self.mapping, seen_since=since, dry_run=dry_run
+            )
+        except Exception:
+            log.exception("the sweep failed; the next one tries again")
+            return SweepReport(dry_run=dry_run)
+        log.info(
+            "sweep: %d orders checked, %d drifted, %d repaired",
+            report.checked,
+            len(report.drifted),
+            report.repaired,
+        )
+        if report.repaired:
+            self.dispatcher.notify()
+        return report
 
     async def refresh_gauges(self) -> None:
         self.metrics.pending_hints.set(await self.store.pending_hints())

@@ -67,6 +67,13 @@ class Store(ABC):
     async def load_order(self, order_key: str) -> OrderState | None: ...
 
     @abstractmethod
+    async def list_order_keys(
+        self, after: str | None = None, limit: int = 500, seen_since: float | None = None
+    ) -> list[str]:
+        """Order keys in key order, after ``after``; with ``seen_since``, only orders some
+        platform was seen showing at or after that time (the "active" ones, for sweeps)."""
+
+    @abstractmethod
     async def commit_observation(self, observation: Observation) -> bool:
         """Record a worker's verdict and consume its hints, atomically.
 

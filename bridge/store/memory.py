@@ -140,6 +140,23 @@ class MemoryStore(Store):
         }
         return OrderState(order_key, order.canonical, order.version, dict(order.platforms), pending)
 
+    async def list_order_keys(
+        self, after: str | None = None, limit: int = 500, seen_since: float | None = None
+    ) -> list[str]:
+        keys = []
+        for key in sorted(self._orders):
+            if after is not None and key <= after:
+                continue
+            order = self._orders[key]
+            if seen_since is not None and not any(
+                (state.last_seen_at or 0.0) >= seen_since for state in order.platforms.values()
+            ):
+                continue
+            keys.append(key)
+            if len(keys) >= limit:
+                break
+        return keys
+
     async def commit_observation(self, observation: Observation) -> bool:
         obs = observation
         key = obs.order_key

@@ -75,6 +75,15 @@ _COUNT_ORDER_HINTS = "SELECT count(*) FROM hints WHERE platform = ? AND ref = ?"
 _FIND_ORDER_KEY = "SELECT order_key FROM platform_states WHERE platform = ? AND ref = ?"
 _SELECT_ORDER = "SELECT canonical, version FROM orders WHERE order_key = ?"
 _SELECT_ORDER_VERSION = "SELECT version FROM orders WHERE order_key = ?"
+_LIST_ORDER_KEYS = """
+SELECT order_key FROM orders
+WHERE order_key > :after
+  AND (:since IS NULL OR EXISTS (
+        SELECT 1 FROM platform_states AS s
+        WHERE s.order_key = orders.order_key AND s.last_seen_at >= :since))
+ORDER BY order_key
+LIMIT :limit
+"""
 _SELECT_PLATFORM_STATES = """
 SELECT platform, ref, last_seen, last_seen_at, last_written, last_written_at
 FROM platform_states WHERE order_key = ? ORDER BY platform
@@ -460,6 +469,16 @@ class SQLiteStore(Store):
             platforms={row[0]: PlatformState(*row[1:]) for row in states},
             pending=dict(pending),
         )
+
+    async def list_order_keys(
+        self, after: str | None = None, limit: int = 500, seen_since: float | None = None
+    ) -> list[str]:
+        params = {"after": after or "", "limit": limit, "since": seen_since}
+        rows = await self._call(self._read_named, _LIST_ORDER_KEYS, params)
+        return [row[0] for row in rows]
+
+    def _read_named(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        return self._db().execute(sql, params).fetchall()
 
     async def commit_observation(self, observation: Observation) -> bool:
         # Serialised here, on the loop, so a bad detail fails before the transaction starts.

@@ -942,3 +942,15 @@ async def test_record_audit_outside_a_commit(store: Store) -> None:
     entry = AuditEntry("A1", MK, "target_missing", {"native": "shipped"}, T0)
     await store.record_audit([entry])
     assert await store.list_audit("A1") == [entry]
+
+
+async def test_list_order_keys_pages_in_key_order_and_filters_by_activity(store: Store) -> None:
+    for i, key in enumerate(["C3", "A1", "B2", "D4"]):
+        await store.commit_observation(
+            verdict(key=key, ref=key, at=T0 + i * 100, canonical="paid")
+        )
+    assert await store.list_order_keys() == ["A1", "B2", "C3", "D4"]
+    assert await store.list_order_keys(limit=2) == ["A1", "B2"]
+    assert await store.list_order_keys(after="B2") == ["C3", "D4"]
+    # seen at T0 (C3), T0+100 (A1), T0+200 (B2), T0+300 (D4)
+    assert await store.list_order_keys(seen_since=T0 + 150) == ["B2", "D4"]

@@ -2,7 +2,7 @@ import pytest
 
 from bridge.models import DesiredWrite, OrderState, PlatformState
 from bridge.platforms import PLATFORMS
-from bridge.policy import decide
+from bridge.policy import decide, reconcile
 from tests.mappings import mapping
 
 MAPPING = mapping(("shoptet", "metakocka"))
@@ -186,3 +186,53 @@ def test_equal_rank_ties_are_broken_by_authority() -> None:
     verdict = decide(mapping, S, "1", state)
     assert verdict.agreed == "b"  # MetaKocka is trusted more
     assert verdict.writes == (DesiredWrite(S, "b", "2"),)
+
+
+# -- the sweep's verdict ---------------------------------------------------------------------
+
+RECONCILE_CASES = [
+    # (name, agreed, shown, kind, new agreed, writes)
+    ("all agree", "paid", {S: "2", M: "in_progress"}, "same", "paid", {}),
+    (
+        "a lost write: MK lags",
+        "shipped",
+        {S: "3", M: "in_progress"},
+        "catch_up",
+        "shipped",
+        {M: "shipped"},
+    ),
+    ("a lost webhook: MK is ahead", "paid", {S: "2", M: "shipped"}, "advance", "shipped", {S: "3"}),
+    ("the agreed status wins a tie", "paid", {S: "2", M: "in_progress"}, "same", "paid", {}),
+    ("unmapped statuses are left alone", "paid", {S: "2", M: "paused"}, "same", "paid", {}),
+    (
+        "only platforms where the order exists get writes",
+        "shipped",
+        {S: "2"},
+        "catch_up",
+        "shipped",
+        {S: "3"},
+    ),
+    ("nothing mapped at all", "paid", {M: "paused"}, "same", "paid", {}),
+    (
+        "no agreement yet: the most advanced wins",
+        None,
+        {S: "-1", M: "shipped"},
+        "advance",
+        "shipped",
+        {S: "3"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("agreed", "shown", "kind", "new_agreed", "writes"),
+    [c[1:] for c in RECONCILE_CASES],
+    ids=[c[0] for c in RECONCILE_CASES],
+)
+def test_reconcile(
+    agreed: str | None, shown: dict[str, str], kind: str, new_agreed: str, writes: dict[str, str]
+) -> None:
+    verdict = reconcile(MAPPING, order(agreed), shown)
+    assert verdict.kind == kind, verdict.reason
+    assert verdict.agreed == new_agreed
+    assert {w.platform: w.native for w in verdict.writes} == writes
