@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +23,11 @@ from starlette.routing import Route
 
 from bridge.models import NewHint
 from bridge.platforms import PLATFORMS
-from bridge.platforms.base import WebhookRejected
+from bridge.platforms.base import ParsedWebhook, WebhookRejected
 from bridge.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
+    from bridge.config import Settings
     from bridge.service import Bridge
 
 log = logging.getLogger("bridge.app")
@@ -70,15 +71,28 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _parse(
+    parse: Callable[[Settings, Mapping[str, str], bytes], ParsedWebhook],
+    settings: Settings,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> ParsedWebhook | WebhookRejected:
+    try:
+        return parse(settings, headers, body)
+    except WebhookRejected as exc:
+        return exc
+
+
 def create_app(
     bridge: Bridge,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
-    settings = bridge.settings
     metrics = bridge.metrics
-    limit = settings.max_webhook_bytes
 
     async def webhook(request: Request) -> Response:
+        # Per request, never captured: a renewed Shoptet key replaces the Bridge's settings.
+        settings = bridge.settings
+        limit = settings.max_webhook_bytes
         platform = request.path_params["platform"]
         spec = PLATFORMS.get(platform)
         if spec is None or platform not in bridge.platforms:
@@ -90,11 +104,17 @@ def create_app(
         except _TooLarge:
             metrics.webhooks.labels(platform, "too_large").inc()
             return error(413, f"body is larger than {limit} bytes")
-        try:
-            parsed = spec.parse_webhook(settings, request.headers, body)
-        except WebhookRejected as exc:
-            metrics.webhooks.labels(platform, f"rejected_{exc.status}").inc()
-            return error(exc.status, exc.reason)
+        parsed = _parse(spec.parse_webhook, settings, request.headers, body)
+        if (
+            isinstance(parsed, WebhookRejected)
+            and parsed.status == 401
+            and await bridge.reload_webhook_key(platform, settings)
+        ):
+            # The key was renewed from another process (`bridge shoptet-renew-key`).
+            parsed = _parse(spec.parse_webhook, bridge.settings, request.headers, body)
+        if isinstance(parsed, WebhookRejected):
+            metrics.webhooks.labels(platform, f"rejected_{parsed.status}").inc()
+            return error(parsed.status, parsed.reason)
         if not parsed.refs:
             metrics.webhooks.labels(platform, "ignored").inc()
             return json_response(200, {"status": "ignored", "event": parsed.event})

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_webhook_bytes: int = Field(64 * 1024, ge=1024)
+    # The bridge's address as the platforms see it (https://bridge.example.com): webhooks must
+    # point at {public_url}/webhooks/<platform>. Unset: subscriptions are not checked at start.
+    public_url: str | None = Field(None, pattern=r"^https?://[^/?#]+[^?#]*$")
+    # Register the missing Shoptet webhooks at start (never deletes or repoints any).
+    register_webhooks: bool = False
 
     # -- the worker and delivery ------------------------------------------------------------
     # Orders decided at once; also how many reads can share one batch call.
@@ -56,8 +61,14 @@ class Settings(BaseSettings):
     shoptet_content_type: str = "application/json"
     shoptet_timeout_seconds: float = Field(80.0, gt=0)
     shoptet_max_connections: int = Field(3, ge=1, le=3)
+    # Shoptet's leaky bucket (per token): about 200 requests, draining 10 per second.
+    shoptet_bucket_capacity: int = Field(200, ge=1)
+    shoptet_bucket_drain_per_second: float = Field(10.0, gt=0)
     shoptet_poll_interval_seconds: float = Field(300.0, gt=0)
     shoptet_poll_overlap_seconds: float = Field(900.0, ge=0)
+    # After a webhook fails verification, re-read the key `bridge shoptet-renew-key` stored at
+    # most this often: forged requests must not turn into a store read each.
+    shoptet_key_reload_seconds: float = Field(5.0, ge=0)
 
     # -- MetaKocka --------------------------------------------------------------------------
     metakocka_base_url: str = "https://main.metakocka.si/rest/eshop/v1"

@@ -63,6 +63,11 @@ class LeakyBucket:
         while (wait := self.wait_time()) > 0:
             await self._sleep(wait)
 
+    def set_level(self, level: float) -> None:
+        """The platform told us how full its bucket is (e.g. a response header): believe it."""
+        self._drain(self._clock())
+        self._level = max(0.0, min(float(self.burst), level))
+
     def fill(self) -> None:
         """The platform said the bucket is full (someone else uses it too): start from full."""
         self._drain(self._clock())

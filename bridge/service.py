@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from bridge.app import create_app
@@ -24,6 +26,7 @@ from bridge.poller import Poller
 from bridge.reconcile import SweepReport, sweep
 from bridge.retry import RetryPolicy
 from bridge.store import Store, open_store
+from bridge.subscriptions import SIGNATURE_KEY_VALUE, check_at_start
 from bridge.worker import Worker
 
 log = logging.getLogger("bridge")
@@ -119,6 +122,10 @@ class Bridge:
         self._run_pollers = run_pollers
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: AsyncIOScheduler | None = None
+        # `bridge shoptet-renew-key` may replace the Shoptet key from another process.
+        self._key_lock = asyncio.Lock()
+        self._key_read_at = -math.inf
+        self.subscriptions_checked: asyncio.Task[None] | None = None
         self.app: Starlette = create_app(self, lifespan=self._lifespan)
 
     def _poll_setting(self, platform: str, name: str) -> float:
@@ -132,8 +139,54 @@ class Bridge:
     def _wake_worker(self) -> None:
         self.worker.wake.set()
 
+    async def _load_webhook_key(self) -> bool:
+        """Use the Shoptet key `bridge shoptet-renew-key` stored (it replaced the one in
+        BRIDGE_SHOPTET_WEBHOOK_KEY at Shoptet). True if the key in use changed."""
+        stored = await self.store.get_watermark(SIGNATURE_KEY_VALUE)
+        if not stored or stored == _webhook_key(self.settings):
+            return False
+        # A new Settings, not a change in place: a request verifying right now keeps its copy.
+        self.settings = self.settings.model_copy(update={"shoptet_webhook_key": SecretStr(stored)})
+        return True
+
+    async def reload_webhook_key(self, platform: str, tried: Settings) -> bool:
+        """A webhook failed to verify with ``tried``: is there another key to try now?
+
+        Yes if the key in use is no longer the tried one (a concurrent request reloaded it),
+        or if the stored key, re-read at most once per BRIDGE_SHOPTET_KEY_RELOAD_SECONDS,
+        differs. That way a renewal by the command needs no restart, and forged requests
+        cost a store read only now and then.
+        """
+        if platform != "shoptet":
+            return False
+        async with self._key_lock:
+            if _webhook_key(self.settings) != _webhook_key(tried):
+                return True
+            now = time.monotonic()
+            if now - self._key_read_at < self.settings.shoptet_key_reload_seconds:
+                return False
+            self._key_read_at = now
+            try:
+                changed = await self._load_webhook_key()
+            except Exception as exc:  # the webhook is refused (401) and sent again later
+                log.warning("could not re-read the Shoptet signature key: %r", exc)
+                return False
+        if changed:
+            log.info("Shoptet signature key reloaded from the store (it was renewed)")
+        return changed
+
     async def start(self) -> None:
         await self.store.open()
+        if "shoptet" in self.specs and await self._load_webhook_key():
+            log.info(
+                "Shoptet: verifying webhooks with the key stored by `bridge shoptet-renew-key` "
+                "(it overrides BRIDGE_SHOPTET_WEBHOOK_KEY)"
+            )
+        # Not awaited: a platform that is slow or down must not hold up the start.
+        self.subscriptions_checked = asyncio.create_task(
+            check_at_start(self.settings, self.clients), name="subscriptions"
+        )
+        self._tasks.append(self.subscriptions_checked)
         self._tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
         for platform in self.platforms:
             self._tasks.append(
@@ -216,6 +269,11 @@ class Bridge:
             self.metrics.pending_writes.labels(platform).set(
                 await self.store.pending_deliveries(platform)
             )
+
+
+def _webhook_key(settings: Settings) -> str | None:
+    key = settings.shoptet_webhook_key
+    return None if key is None else key.get_secret_value()
 
 
 def _now() -> object:

@@ -636,6 +636,20 @@ class Bitrix24Client(PlatformClient):
     def mode(self) -> Mode:
         return self._mode
 
+    async def event_handlers(self) -> list[dict[str, Any]]:
+        """The application's event handlers (``event.get``): ``{event, handler, ...}`` each.
+
+        Only an application (OAuth) may ask; an inbound webhook would be answered
+        403 WRONG_AUTH_TYPE, so that error is raised here without spending a request.
+        """
+        if self._oauth is None:
+            raise B24Error(
+                "WRONG_AUTH_TYPE", "event.get needs OAuth; an inbound webhook may not call it", 403
+            )
+        answer = await self.call("event.get")
+        result = answer.get("result") if isinstance(answer, dict) else None
+        return [h for h in result or [] if isinstance(h, dict)]
+
     async def aclose(self) -> None:
         await self._http.aclose()
 

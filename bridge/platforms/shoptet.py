@@ -37,6 +37,7 @@ from bridge.platforms.base import (
     WebhookRejected,
     WriteRequest,
 )
+from bridge.ratelimit import LeakyBucket
 from bridge.retry import parse_retry_after
 from bridge.signing import verify_hmac_sha1_hex
 
@@ -187,6 +188,17 @@ def classify_write(status: int, headers: Mapping[str, str], body: Any, now: floa
     return Outcome("permanent", reason=reason)
 
 
+def bucket_filling(value: str | None) -> float | None:
+    """``X-RateLimit-Bucket-Filling: 12/200`` -> 12.0 (None if absent or unreadable)."""
+    if not value or "/" not in value:
+        return None
+    current = value.split("/", 1)[0].strip()
+    try:
+        return float(current)
+    except ValueError:
+        return None
+
+
 def shoptet_time(value: str) -> str:
     """ISO 8601 as Shoptet writes it: ``2026-11-22T10:00:00+0000`` (no colon in the offset).
 
@@ -244,15 +256,23 @@ class ShoptetClient(PlatformClient):
         )
         # 3 concurrent connections per token, shared by reads, writes and polls.
         self._slots = asyncio.Semaphore(settings.shoptet_max_connections)
+        # Our copy of the token's leaky bucket, corrected by every X-RateLimit-Bucket-Filling.
+        self.bucket = LeakyBucket(
+            settings.shoptet_bucket_drain_per_second, settings.shoptet_bucket_capacity
+        )
         self._paused_until = 0.0
 
     async def _request(self, method: str, path: str, label: str, **kwargs: Any) -> httpx.Response:
         async with self._slots:
-            self._context.count(NAME, label)
             wait = self._paused_until - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
+            await self.bucket.acquire()
+            self._context.count(NAME, label)
             response = await self._http.request(method, path, **kwargs)
+            filling = bucket_filling(response.headers.get("x-ratelimit-bucket-filling"))
+            if filling is not None:
+                self.bucket.set_level(filling)
             if response.status_code == 429:
                 # The bucket belongs to the token, not to the order: everyone waits.
                 delay = parse_retry_after(response.headers.get("retry-after"), time.time())
@@ -273,6 +293,9 @@ class ShoptetClient(PlatformClient):
         return snapshot_from_order(body, ref)
 
     reads_in_batches = ORDER_CODES_LIMIT
+
+    async def wait_ready(self) -> None:
+        await self.bucket.wait_for_room()
 
     async def read_many(self, refs: Sequence[str]) -> dict[str, Snapshot | ReadFailed | None]:
         """Up to 50 orders per ``GET /api/orders?orderCodes=``; a code not listed is missing."""
@@ -347,6 +370,61 @@ class ShoptetClient(PlatformClient):
         except httpx.HTTPError as exc:
             return Outcome("retry", reason=f"PATCH status: {exc!r}")
         return classify_write(response.status_code, response.headers, _json(response), time.time())
+
+    # -- webhook subscriptions (bridge.subscriptions) -------------------------------------
+
+    async def _webhooks_call(
+        self, method: str, path: str, expect: int, **kwargs: Any
+    ) -> dict[str, Any]:
+        """``data`` of one /api/webhooks answer; ReadFailed for anything but ``expect``."""
+        label = f"{method} {path}"
+        try:
+            response = await self._request(method, path, label, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ReadFailed(f"{label}: {exc!r}") from exc
+        body = _json(response)
+        if response.status_code != expect:
+            wait = parse_retry_after(response.headers.get("retry-after"), time.time())
+            raise ReadFailed(f"{label}: {_describe(response.status_code, body)}", wait)
+        data = body.get("data") if isinstance(body, dict) else None
+        return data if isinstance(data, dict) else {}
+
+    async def list_webhooks(self) -> list[dict[str, Any]]:
+        """Every registered webhook, ``{id, event, url, ...}``, from all pages."""
+        hooks: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            # 500 a page is the most Shoptet gives: one call in practice.
+            query = {"page": str(page), "itemsPerPage": "500"}
+            data = await self._webhooks_call("GET", "/api/webhooks", 200, params=query)
+            hooks += [w for w in data.get("webhooks") or [] if isinstance(w, dict)]
+            paginator = data.get("paginator")
+            page_count = paginator.get("pageCount") if isinstance(paginator, dict) else None
+            if not isinstance(page_count, int) or page >= page_count:
+                return hooks
+            page += 1
+
+    async def register_webhooks(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """``POST /api/webhooks`` (``{event, url}`` each), 50 a call; the webhooks created.
+
+        Shoptet refuses a whole call for one bad item (422 for an event already registered,
+        409 for ``order:update`` with ``order:cancel``): ReadFailed says which.
+        """
+        created: list[dict[str, Any]] = []
+        for start in range(0, len(items), ORDER_CODES_LIMIT):  # 50, the same limit
+            chunk = [dict(item) for item in items[start : start + ORDER_CODES_LIMIT]]
+            data = await self._webhooks_call("POST", "/api/webhooks", 201, json={"data": chunk})
+            created += [w for w in data.get("webhooks") or [] if isinstance(w, dict)]
+        return created
+
+    async def renew_signature_key(self) -> str:
+        """A new webhook signature key; the old one stops working at once. Never retried:
+        every call makes another key, and one lost in transit cannot be asked for again."""
+        path = "/api/webhooks/renew-signature-key"
+        key = (await self._webhooks_call("POST", path, 200)).get("signatureKey")
+        if not isinstance(key, str) or not key:
+            raise ReadFailed(f"POST {path}: the answer has no data.signatureKey")
+        return key
 
     async def aclose(self) -> None:
         await self._http.aclose()

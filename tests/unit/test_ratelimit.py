@@ -65,3 +65,13 @@ def test_bad_parameters() -> None:
         LeakyBucket(0, 1)
     with pytest.raises(ValueError, match="burst"):
         LeakyBucket(1, 0)
+
+
+async def test_the_platform_can_correct_our_level() -> None:
+    t = FakeTime()
+    bucket = LeakyBucket(10.0, 200, clock=t.clock, sleep=t.sleep)
+    bucket.set_level(200)  # the header said the bucket is full
+    await bucket.acquire()
+    assert t.slept == [pytest.approx(0.1)]
+    bucket.set_level(-5)  # nonsense is clamped
+    assert bucket.wait_time() == 0

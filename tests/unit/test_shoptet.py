@@ -192,3 +192,21 @@ def test_snapshot_from_order() -> None:
         snapshot_from_order({"data": {"order": {"code": "1", "status": None}}}, "1").native_status
         == ""
     )
+
+
+@pytest.mark.parametrize(
+    ("header", "level"),
+    [
+        ("12/200", 12.0),
+        (" 200/200 ", 200.0),
+        ("0/200", 0.0),
+        ("", None),
+        (None, None),
+        ("full", None),
+        ("x/200", None),
+    ],
+)
+def test_bucket_filling_header(header: str | None, level: float | None) -> None:
+    from bridge.platforms.shoptet import bucket_filling
+
+    assert bucket_filling(header) == level
