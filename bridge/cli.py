@@ -16,6 +16,7 @@ from rich.table import Table
 from bridge.config import ConfigError, Settings
 from bridge.mapping import MappingError, StatusMapping, load_mapping
 from bridge.platforms import PLATFORMS
+from bridge.platforms.shoptet import ShoptetClient
 from bridge.service import client_context
 from bridge.store import open_store
 
@@ -306,6 +307,150 @@ def bitrix24_statuses(
             out.print("[green]every mapped status exists on the portal[/]")
     if report.missing:
         raise typer.Exit(1)
+
+
+def _shoptet_client(settings: Settings) -> ShoptetClient:
+    from pydantic import SecretStr
+
+    from bridge.platforms.base import ClientContext
+
+    if settings.shoptet_webhook_key is None:
+        # The client insists on the key because `serve` verifies webhooks with it; these
+        # commands verify none, and renewing is how one gets a key in the first place.
+        settings = settings.model_copy(update={"shoptet_webhook_key": SecretStr("unused")})
+    try:
+        return ShoptetClient(settings, ClientContext())
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _redacted(url: str) -> str:
+    """A database URL fit to print: no password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@app.command("shoptet-webhooks")
+def shoptet_webhooks(
+    register: Annotated[
+        bool,
+        typer.Option("--register", help="Register the missing ones (never deletes or repoints)."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check that Shoptet sends order:update and order:massUpdate to BRIDGE_PUBLIC_URL.
+
+    The same check `serve` makes at start. Exits 1 when an event is still not delivered to
+    the bridge (missing and not registered, or registered to another URL).
+    """
+    import asyncio
+    import json
+
+    from rich.markup import escape
+
+    from bridge.platforms.base import ReadFailed
+    from bridge.subscriptions import ShoptetReport, check_shoptet, describe_shoptet
+
+    settings = _settings(None)
+    public_url = settings.public_url
+    if public_url is None:
+        raise _fail("BRIDGE_PUBLIC_URL is not set (the bridge's address as Shoptet sees it)")
+    client = _shoptet_client(settings)
+
+    async def run() -> ShoptetReport:
+        try:
+            return await check_shoptet(client, public_url, register=register)
+        except ReadFailed as exc:
+            raise _fail(f"Shoptet: {exc.reason}") from None
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(run())
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        out = Console(highlight=False)
+        out.print(f"Shoptet webhooks for {escape(report.plan.url)}", soft_wrap=True)
+        for hook in report.plan.ok:
+            out.print(f"[green]ok:[/] {hook.event} (webhook {hook.id})", soft_wrap=True)
+        for level, line in describe_shoptet(report, registering=register):
+            prefix = "[yellow]warning:[/] " if level == "warning" else ""
+            out.print(prefix + escape(line), soft_wrap=True)
+    if report.uncovered:
+        raise typer.Exit(1)
+
+
+@app.command("shoptet-renew-key")
+def shoptet_renew_key(
+    show: Annotated[
+        bool, typer.Option("--show", help="Also print the new key (it is a secret).")
+    ] = False,
+) -> None:
+    """Renew Shoptet's webhook signature key; store it where the bridge reads it.
+
+    The old key stops working at once. A running bridge on the same store (BRIDGE_DATABASE_URL)
+    takes the new key with the next webhook it cannot verify: no restart. The stored key
+    overrides BRIDGE_SHOPTET_WEBHOOK_KEY from then on.
+    """
+    import asyncio
+
+    from rich.markup import escape
+
+    from bridge.platforms.base import ReadFailed
+    from bridge.subscriptions import SIGNATURE_KEY_VALUE
+
+    settings = _settings(None)
+    try:
+        store = open_store(settings.database_url)
+    except ValueError as exc:
+        raise _fail(f"BRIDGE_DATABASE_URL: {exc}") from None
+    client = _shoptet_client(settings)
+    where = f"{_redacted(settings.database_url)}, named value {SIGNATURE_KEY_VALUE!r}"
+
+    async def run() -> str:
+        try:
+            # The store opens first, so once Shoptet has made the key (and dropped the old one)
+            # storing it is the very next step and nothing else can fail in between.
+            await store.open()
+            try:
+                key = await client.renew_signature_key()
+            except ReadFailed as exc:
+                raise _fail(
+                    f"Shoptet: {exc.reason}. If Shoptet renewed the key anyway, webhooks are "
+                    "refused until this command succeeds: run it again."
+                ) from None
+            try:
+                await store.set_watermark(SIGNATURE_KEY_VALUE, key)
+            except Exception as exc:
+                if show:
+                    sys.stdout.write(f"{key}\n")
+                raise _fail(
+                    f"Shoptet renewed the key, but storing it in {where} failed: {exc!r}. "
+                    "Webhooks are refused until the bridge has the key: run this again"
+                    + (" or set BRIDGE_SHOPTET_WEBHOOK_KEY to the key above." if show else ".")
+                ) from None
+            return key
+        finally:
+            await client.aclose()
+            await store.close()
+
+    key = asyncio.run(run())
+    out = Console(highlight=False)
+    out.print(
+        f"Shoptet webhook signature key renewed and stored in {escape(where)}.", soft_wrap=True
+    )
+    out.print(
+        "A running bridge on this store switches to it with the next webhook; it overrides "
+        "BRIDGE_SHOPTET_WEBHOOK_KEY, which is now out of date.",
+        soft_wrap=True,
+    )
+    if show:
+        sys.stdout.write(f"{key}\n")
 
 
 @app.command("example-mapping")

@@ -134,10 +134,8 @@ def plan_webhooks(
         for hook in hooks
         if hook.event in (exclusive or {}).get(event, ())
     )
-    return Plan(
-        url, tuple(dict.fromkeys(needed)), tuple(ok), missing, tuple(elsewhere),
-        tuple(duplicated), blocked,
-    )  # fmt: skip
+    needed_once = tuple(dict.fromkeys(needed))
+    return Plan(url, needed_once, tuple(ok), missing, tuple(elsewhere), tuple(duplicated), blocked)
 
 
 def webhook_of(item: Mapping[str, Any]) -> Webhook | None:

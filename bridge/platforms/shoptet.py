@@ -189,14 +189,16 @@ def classify_write(status: int, headers: Mapping[str, str], body: Any, now: floa
 
 
 def bucket_filling(value: str | None) -> float | None:
-    """``X-RateLimit-Bucket-Filling: 12/200`` -> 12.0 (None if absent or unreadable)."""
+    """``X-RateLimit-Bucket-Filling: 12/200`` -> 0.06, how full the bucket is (None if absent
+    or unreadable). A fraction, so a bucket of another size than ours still reads right."""
     if not value or "/" not in value:
         return None
-    current = value.split("/", 1)[0].strip()
+    current, _, maximum = value.partition("/")
     try:
-        return float(current)
+        level, size = float(current.strip()), float(maximum.strip())
     except ValueError:
         return None
+    return level / size if size > 0 else None
 
 
 def shoptet_time(value: str) -> str:
@@ -272,7 +274,7 @@ class ShoptetClient(PlatformClient):
             response = await self._http.request(method, path, **kwargs)
             filling = bucket_filling(response.headers.get("x-ratelimit-bucket-filling"))
             if filling is not None:
-                self.bucket.set_level(filling)
+                self.bucket.set_level(filling * self.bucket.burst)
             if response.status_code == 429:
                 # The bucket belongs to the token, not to the order: everyone waits.
                 delay = parse_retry_after(response.headers.get("retry-after"), time.time())

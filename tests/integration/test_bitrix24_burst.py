@@ -64,7 +64,10 @@ async def test_a_burst_of_500_changes_keeps_to_the_portal_rate(sims: World, mode
                 what="every order to reach Bitrix24",
             )
             took = time.monotonic() - start
-            assert all(world.shoptet_status(c) == SHOPTET["shipped"] for c in ORDERS)
+            await eventually(
+                lambda: all(world.shoptet_status(c) == SHOPTET["shipped"] for c in ORDERS),
+                within=60,
+            )
             calls = len([r for r in bitrix.requests if r.auth == "webhook"]) - 50
         bitrix.close()
     # At most the one refusal the full bucket forced at the start.

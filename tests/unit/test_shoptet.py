@@ -197,13 +197,15 @@ def test_snapshot_from_order() -> None:
 @pytest.mark.parametrize(
     ("header", "level"),
     [
-        ("12/200", 12.0),
-        (" 200/200 ", 200.0),
+        ("12/200", 0.06),
+        (" 200/200 ", 1.0),
         ("0/200", 0.0),
+        ("5/1000", 0.005),  # a bucket of another size reads right
         ("", None),
         (None, None),
         ("full", None),
         ("x/200", None),
+        ("1/0", None),
     ],
 )
 def test_bucket_filling_header(header: str | None, level: float | None) -> None:
