@@ -25,7 +25,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Keeps an order's status in agreement across Shoptet, MetaKocka and Bitrix24.",
 )
-err = Console(stderr=True)
+# soft_wrap: an error stays on one line even when stderr is a file or a pipe.
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -267,16 +268,20 @@ def bitrix24_statuses(
     }
 
     async def run() -> StatusReport:
-        # The store holds the OAuth tokens `serve` keeps refreshed: use (and update) the same.
-        try:
-            store = open_store(settings.database_url)
-        except ValueError as exc:
-            raise _fail(f"BRIDGE_DATABASE_URL: {exc}") from None
-        await store.open()
+        # With OAuth, the store holds the tokens `serve` keeps refreshed: use (and update)
+        # the same ones. An inbound webhook URL needs no store at all.
+        store = None
+        if settings.bitrix24_webhook_url is None:
+            try:
+                store = open_store(settings.database_url)
+            except ValueError as exc:
+                raise _fail(f"BRIDGE_DATABASE_URL: {exc}") from None
+            await store.open()
         try:
             client = Bitrix24Client(settings, client_context(status_mapping, "bitrix24", store))
         except ConfigError as exc:
-            await store.close()
+            if store is not None:
+                await store.close()
             raise _fail(str(exc)) from None
         try:
             return await check_statuses(client, wanted, stamp=stamp)
@@ -284,7 +289,8 @@ def bitrix24_statuses(
             raise _fail(f"Bitrix24: {exc}") from None
         finally:
             await client.aclose()
-            await store.close()
+            if store is not None:
+                await store.close()
 
     report = asyncio.run(run())
     if as_json:

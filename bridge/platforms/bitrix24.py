@@ -134,12 +134,17 @@ def parse_event(settings: Settings, headers: Mapping[str, str], body: bytes) -> 
 # -- pure: answers --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class B24Error(Exception):
-    code: str
-    description: str
-    status: int
-    retry_after: float | None = None
+    """An error answer: ``code`` as a string (sale codes are numbers), with its HTTP status."""
+
+    def __init__(
+        self, code: str, description: str, status: int, retry_after: float | None = None
+    ) -> None:
+        super().__init__(code, description, status)
+        self.code = code
+        self.description = description
+        self.status = status
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.code}: {self.description} (HTTP {self.status})"
@@ -156,6 +161,9 @@ def error_of(status: int, body: Any) -> B24Error | None:
 
 # Access problems (credentials, scope, plan): named by code, since inside a `batch` every
 # command's error comes without its own HTTP status.
+# Sale permission codes follow 2xxx4030xxxx (e.g. 200040300010 read, 200040300020 write).
+_PERMISSION_CODE = re.compile(r"^2\d{3}4030\d{4}$")
+_ACCESS_TEXT = re.compile(r"access denied|insufficient permissions|permission", re.I)
 _ACCESS_CODES = frozenset(
     {
         "NO_AUTH_FOUND",
@@ -183,7 +191,12 @@ def classify_error(error: B24Error, now: float) -> Outcome:
         return Outcome("not_found", reason=reason)
     if error.status >= 500 or code.startswith("HTTP_"):
         return Outcome("retry", reason=reason)
-    if error.status in (401, 403) or code in _ACCESS_CODES:
+    if (
+        error.status in (401, 403)
+        or code in _ACCESS_CODES
+        or _PERMISSION_CODE.match(code)
+        or _ACCESS_TEXT.search(error.description)
+    ):
         # Credentials, scope or plan: a configuration fix makes the pending writes work again.
         return Outcome("retry", reason=f"access refused: {reason}")
     return Outcome("permanent", reason=reason)
@@ -271,6 +284,14 @@ class Bitrix24Client(PlatformClient):
                 "Bitrix24 needs BRIDGE_BITRIX24_WEBHOOK_URL, or OAuth: "
                 "BRIDGE_BITRIX24_PORTAL_URL, _CLIENT_ID, _CLIENT_SECRET, _REFRESH_TOKEN"
             )
+        try:
+            url = httpx.URL(self._base)
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError("needs http(s)://host/")
+            if url.port is not None and not 0 < url.port < 65536:
+                raise ValueError(f"port {url.port} is out of range")
+        except (httpx.InvalidURL, ValueError, OverflowError) as exc:
+            raise ConfigError(f"the Bitrix24 URL is not a valid http(s) URL ({exc})") from None
         self._http = httpx.AsyncClient(
             # Without this header the portal parses the body as a form and sees no parameters.
             headers={
@@ -335,7 +356,7 @@ class Bitrix24Client(PlatformClient):
                 # refresh token once; a refusal of that surfaces as its own error.
                 if refreshed:
                     raise error
-                await self._refresh(self._oauth["access_token"])
+                await self._refresh(str(body["auth"]))  # the token this call was refused with
                 refreshed = True
                 continue
             if error.code == "OPERATION_TIME_LIMIT":

@@ -519,12 +519,6 @@ def delaying(method: str, seconds: float) -> Any:
     return wrap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG bitrix24.py call(): after expired_token it passes the *current* access token "
-    "to _refresh, not the one it sent, so a call whose refusal comes back after another call "
-    "already refreshed exchanges the refresh token a second time",
-)
 @pytest.mark.parametrize("mode", MODES)
 async def test_calls_that_all_found_the_token_expired_refresh_it_once(mode: str) -> None:
     get = "sale.order.get" if mode == "orders" else "crm.deal.get"

@@ -286,11 +286,6 @@ def test_an_unreachable_portal_is_an_error_not_a_traceback(tmp_path: Path) -> No
     assert result.error.startswith("error: Bitrix24: sale.status.list: ConnectError")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cli.py `err = Console(stderr=True)` / _fail: rich wraps the message at 80 "
-    "columns when stderr is no terminal, so a longer error takes two lines",
-)
 def test_an_unreachable_portal_is_a_one_line_error(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{closed_port()}/rest/1/code/"
     result = run(environment(tmp_path, bitrix24_webhook_url=url))
@@ -313,12 +308,6 @@ def test_a_portal_that_is_down_or_refuses_the_webhook_is_an_error(tmp_path: Path
     assert "INVALID_CREDENTIALS" in refused.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG bitrix24.py Bitrix24Client.__init__ / call(): a malformed "
-    "BRIDGE_BITRIX24_WEBHOOK_URL is not validated; httpx.InvalidURL and OverflowError are not "
-    "httpx.HTTPError, so they escape call() and the command dies with a traceback",
-)
 @pytest.mark.parametrize("url", ["http://[::1/rest/1/code/", "http://127.0.0.1:99999/rest/1/code/"])
 def test_a_malformed_webhook_url_is_an_error_not_a_traceback(tmp_path: Path, url: str) -> None:
     result = run(environment(tmp_path, bitrix24_webhook_url=url))

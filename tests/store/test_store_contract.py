@@ -946,9 +946,7 @@ async def test_record_audit_outside_a_commit(store: Store) -> None:
 
 async def test_list_order_keys_pages_in_key_order_and_filters_by_activity(store: Store) -> None:
     for i, key in enumerate(["C3", "A1", "B2", "D4"]):
-        await store.commit_observation(
-            verdict(key=key, ref=key, at=T0 + i * 100, canonical="paid")
-        )
+        await store.commit_observation(verdict(key=key, ref=key, at=T0 + i * 100, canonical="paid"))
     assert await store.list_order_keys() == ["A1", "B2", "C3", "D4"]
     assert await store.list_order_keys(limit=2) == ["A1", "B2"]
     assert await store.list_order_keys(after="B2") == ["C3", "D4"]
