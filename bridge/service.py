@@ -182,6 +182,12 @@ class Bridge:
                 "Shoptet: verifying webhooks with the key stored by `bridge shoptet-renew-key` "
                 "(it overrides BRIDGE_SHOPTET_WEBHOOK_KEY)"
             )
+        if "shoptet" in self.specs and self.settings.shoptet_webhook_key is None:
+            log.error(
+                "Shoptet: no signature key (BRIDGE_SHOPTET_WEBHOOK_KEY, or one stored by "
+                "`bridge shoptet-renew-key`): every Shoptet webhook is refused with 401 and "
+                "only the poller sees changes"
+            )
         # Not awaited: a platform that is slow or down must not hold up the start.
         self.subscriptions_checked = asyncio.create_task(
             check_at_start(self.settings, self.clients), name="subscriptions"

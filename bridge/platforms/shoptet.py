@@ -243,8 +243,6 @@ class ShoptetClient(PlatformClient):
         token = settings.shoptet_api_token
         if token is None:
             raise ConfigError("BRIDGE_SHOPTET_API_TOKEN is required when Shoptet is mapped")
-        if settings.shoptet_webhook_key is None:
-            raise ConfigError("BRIDGE_SHOPTET_WEBHOOK_KEY is required when Shoptet is mapped")
         self._http = httpx.AsyncClient(
             base_url=settings.shoptet_base_url,
             headers={
