@@ -1,0 +1,1 @@
+"""Benchmarks of the bridge: ``python -m bench`` (see bench/README.md)."""
