@@ -67,21 +67,38 @@ async def sweep(
             current = shown.get(order.order_key, {})
             if not current:
                 continue
-            verdict = reconcile(mapping, order, {p: n for p, (n, _) in current.items()})
             report.checked += 1
-            if verdict.kind in ("same", "unmapped"):
-                continue
-            drift = Drift(
-                order.order_key,
-                order.canonical,
-                {p: n for p, (n, _) in current.items()},
-                verdict.agreed,
-                {w.platform: w.native for w in verdict.writes},
-                verdict.reason,
-            )
-            report.drifted.append(drift)
-            if not dry_run and await _repair(store, order, current, verdict, drift, clock()):
-                report.repaired += 1
+            shown_now = {p: n for p, (n, _) in current.items()}
+            unrepaired: Drift | None = None
+            for _attempt in range(3):
+                unrepaired = None
+                verdict = reconcile(mapping, order, shown_now)
+                if verdict.kind in ("same", "unmapped"):
+                    break
+                drift = Drift(
+                    order.order_key,
+                    order.canonical,
+                    shown_now,
+                    verdict.agreed,
+                    {w.platform: w.native for w in verdict.writes},
+                    verdict.reason,
+                )
+                if dry_run:
+                    report.drifted.append(drift)
+                    break
+                if await _repair(store, order, current, verdict, drift, clock()):
+                    report.drifted.append(drift)
+                    report.repaired += 1
+                    break
+                # The order changed while it was read (a poll or a webhook got there first):
+                # judge again against its new state, with what the platforms showed.
+                unrepaired = drift
+                fresh = await store.load_order(order.order_key)
+                if fresh is None:
+                    break
+                order = fresh
+            if unrepaired is not None:  # reported, left for the next sweep
+                report.drifted.append(unrepaired)
         on_progress(report.checked)
     return report
 

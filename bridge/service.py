@@ -22,7 +22,7 @@ from bridge.mapping import StatusMapping, load_mapping
 from bridge.metrics import Metrics
 from bridge.platforms import PLATFORMS
 from bridge.platforms.base import ClientContext, PlatformClient, PlatformSpec
-from bridge.poller import Poller
+from bridge.poller import Poller, iso
 from bridge.reconcile import SweepReport, sweep
 from bridge.retry import RetryPolicy
 from bridge.store import Store, open_store
@@ -30,6 +30,8 @@ from bridge.subscriptions import SIGNATURE_KEY_VALUE, check_at_start
 from bridge.worker import Worker
 
 log = logging.getLogger("bridge")
+
+SWEEP_VALUE = "sweep:last"  # when the last scheduled sweep ran (ISO time)
 
 
 def client_context(
@@ -220,6 +222,7 @@ class Bridge:
                     max_instances=1,
                     coalesce=True,
                     misfire_grace_time=None,
+                    next_run_time=await self._next_sweep_at(),
                 )
             scheduler.start()
             self._scheduler = scheduler
@@ -249,6 +252,17 @@ class Bridge:
         finally:
             await self.stop()
 
+    async def _next_sweep_at(self) -> object:
+        """When the next sweep is due, counted from the last one (stored), not from this
+        start: a bridge restarted more often than the interval must still sweep."""
+        from datetime import UTC, datetime
+
+        interval = self.settings.sweep_interval_seconds
+        last = await self.store.get_watermark(SWEEP_VALUE)
+        due = (datetime.fromisoformat(last).timestamp() if last else self.clock()) + interval
+        # Not in the very first minute: the pollers' start-up cycles come first.
+        return datetime.fromtimestamp(max(due, self.clock() + 60.0), UTC)
+
     async def run_sweep(self, *, dry_run: bool = False) -> SweepReport:
         """Read every recently active order everywhere; repair what drifted. Never raises."""
         since = self.clock() - self.settings.sweep_window_days * 86_400
@@ -259,6 +273,8 @@ class Bridge:
         except Exception:
             log.exception("the sweep failed; the next one tries again")
             return SweepReport(dry_run=dry_run)
+        if not dry_run:
+            await self.store.set_watermark(SWEEP_VALUE, iso(self.clock()))
         log.info(
             "sweep: %d orders checked, %d drifted, %d repaired",
             report.checked,

@@ -392,6 +392,16 @@ class Bitrix24Client(PlatformClient):
         async with self._refresh_lock:
             if self._oauth["access_token"] != stale_access_token:
                 return  # another call refreshed meanwhile
+            if self._store is not None:
+                # Another process (a command beside `serve`) may have refreshed already: its
+                # tokens are the valid ones now, and ours are dead.
+                stored = await self._store.get_watermark(TOKENS_VALUE)
+                if stored:
+                    tokens = orjson.loads(stored)
+                    if tokens["access_token"] != stale_access_token:
+                        self._oauth["access_token"] = tokens["access_token"]
+                        self._oauth["refresh_token"] = tokens["refresh_token"]
+                        return
             params = {
                 "grant_type": "refresh_token",
                 "client_id": self._oauth["client_id"],
