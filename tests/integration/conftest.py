@@ -182,6 +182,10 @@ class World:
             if r.method == "PATCH" and (code is None or r.path == f"/api/orders/{code}/status")
         ]
 
+    def shoptet_writes(self, code: str | None = None) -> list[Any]:
+        """Status PATCHes Shoptet accepted: a 423 on a quick repeat and its retry are one write."""
+        return [r for r in self.shoptet_patches(code) if r.status == 200]
+
     def mk_changes(self, code: str | None = None, *, succeeded: bool = True) -> list[Any]:
         """change_document_status calls (the successful ones) touching order ``code``."""
         calls = []

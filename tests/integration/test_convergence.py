@@ -31,7 +31,7 @@ async def test_shoptet_change_reaches_metakocka_and_its_echo_costs_nothing(world
     await eventually(lambda: world.mk_status(CODE) == MK["paid"], what="MetaKocka to show paid")
     await settle(world)
     assert len(world.mk_changes(CODE)) == 1
-    assert world.shoptet_patches() == []  # nothing written back to the source
+    assert world.shoptet_writes() == []  # nothing written back to the source
 
 
 async def test_metakocka_change_reaches_shoptet_through_the_poller(world: World) -> None:
@@ -43,7 +43,7 @@ async def test_metakocka_change_reaches_shoptet_through_the_poller(world: World)
     # Shoptet sends order:update for the bridge's own write; the read shows what the bridge
     # wrote, so nothing more happens, and MetaKocka (the source) is never written.
     await settle(world)
-    assert len(world.shoptet_patches(CODE)) == 1
+    assert len(world.shoptet_writes(CODE)) == 1
     assert world.mk_changes() == []
     assert world.bridge is not None
     audit = await world.bridge.store.list_audit(CODE)
@@ -60,7 +60,7 @@ async def test_both_directions_in_turn_without_loops(world: World) -> None:
     await eventually(lambda: world.mk_status(CODE) == MK["shipped"])
     await settle(world)
     assert len(world.mk_changes(CODE)) == 2  # paid, shipped
-    assert len(world.shoptet_patches(CODE)) == 1  # processing
+    assert len(world.shoptet_writes(CODE)) == 1  # processing
 
 
 async def test_the_same_webhook_five_times_causes_one_write(sims: World) -> None:

@@ -33,7 +33,7 @@ async def test_a_shoptet_change_reaches_metakocka_and_bitrix24(world3: World) ->
     await settle(world3)
     assert len(world3.bitrix_writes(CODE)) == 1
     assert len(world3.mk_changes(CODE)) == 1
-    assert world3.shoptet_patches(CODE) == []
+    assert world3.shoptet_writes(CODE) == []
 
 
 async def test_a_metakocka_change_reaches_shoptet_and_bitrix24(world3: World) -> None:
@@ -42,7 +42,7 @@ async def test_a_metakocka_change_reaches_shoptet_and_bitrix24(world3: World) ->
     await eventually(lambda: world3.agreed(CODE, "shipped"), what="all three to show shipped")
     await settle(world3)
     assert len(world3.bitrix_writes(CODE)) == 1
-    assert len(world3.shoptet_patches(CODE)) == 1
+    assert len(world3.shoptet_writes(CODE)) == 1
     assert world3.mk_changes(CODE) == []
 
 
@@ -52,7 +52,7 @@ async def test_a_bitrix24_change_reaches_shoptet_and_metakocka(world3: World) ->
     await eventually(lambda: world3.agreed(CODE, "processing"), what="all three to show processing")
     await settle(world3)
     # The three echoes (a Shoptet webhook, a MetaKocka poll, a Bitrix24 event) cost nothing.
-    assert len(world3.shoptet_patches(CODE)) == 1
+    assert len(world3.shoptet_writes(CODE)) == 1
     assert len(world3.mk_changes(CODE)) == 1
     assert world3.bitrix_writes(CODE) == []
 
@@ -66,7 +66,7 @@ async def test_changes_in_turn_on_every_platform_without_loops(world3: World) ->
     world3.metakocka.set_status_as_person(world3.mk_ids[CODE], MK["shipped"])
     await eventually(lambda: world3.agreed(CODE, "shipped"))
     await settle(world3, 1.5)
-    assert len(world3.shoptet_patches(CODE)) == 2  # processing, shipped
+    assert len(world3.shoptet_writes(CODE)) == 2  # processing, shipped
     assert len(world3.mk_changes(CODE)) == 2  # paid, processing
     assert len(world3.bitrix_writes(CODE)) == 2  # paid, shipped
 
