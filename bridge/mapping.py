@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class StatusMapping:
     source: str = "<memory>"
     # Platforms by authority, most trusted first: breaks ties between equally ranked statuses.
     authority: tuple[str, ...] = ()
+    # (platform, native) -> canonical: the inbound lookup, derived once from ``statuses``.
+    _inbound: dict[tuple[str, str], str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index: dict[tuple[str, str], str] = {}
@@ -67,8 +69,7 @@ class StatusMapping:
 
     def canonical_for(self, platform: str, native: str) -> str | None:
         """The canonical status a native status means; None if it is not mapped."""
-        inbound: dict[tuple[str, str], str] = self._inbound  # type: ignore[attr-defined]
-        return inbound.get((platform, native))
+        return self._inbound.get((platform, native))
 
     def target_for(self, platform: str, canonical: str) -> Target:
         return self.statuses[canonical].targets[platform]

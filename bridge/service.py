@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from datetime import UTC
+from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import SecretStr
@@ -210,7 +210,7 @@ class Bridge:
                     id=f"poll:{poller.platform}",
                     max_instances=1,
                     coalesce=True,
-                    next_run_time=_now(),
+                    next_run_time=datetime.now(UTC),
                     misfire_grace_time=None,
                 )
             if self.settings.sweep_interval_seconds > 0:
@@ -252,11 +252,9 @@ class Bridge:
         finally:
             await self.stop()
 
-    async def _next_sweep_at(self) -> object:
+    async def _next_sweep_at(self) -> datetime:
         """When the next sweep is due, counted from the last one (stored), not from this
         start: a bridge restarted more often than the interval must still sweep."""
-        from datetime import UTC, datetime
-
         interval = self.settings.sweep_interval_seconds
         last = await self.store.get_watermark(SWEEP_VALUE)
         due = (datetime.fromisoformat(last).timestamp() if last else self.clock()) + interval
@@ -296,9 +294,3 @@ class Bridge:
 def _webhook_key(settings: Settings) -> str | None:
     key = settings.shoptet_webhook_key
     return None if key is None else key.get_secret_value()
-
-
-def _now() -> object:
-    from datetime import datetime
-
-    return datetime.now(UTC)

@@ -24,6 +24,7 @@ from bridge.models import (
     OrderState,
     PlatformState,
     Problem,
+    ProblemKind,
     Snapshot,
 )
 from bridge.platforms.base import PlatformClient, ReadFailed
@@ -282,11 +283,11 @@ class Worker:
         return sightings
 
     async def _consume_with_problem(
-        self, batch: HintBatch, order_key: str | None, kind: str, reason: str
+        self, batch: HintBatch, order_key: str | None, kind: ProblemKind, reason: str
     ) -> None:
         log.warning("%s", reason)
         now = self._clock()
-        problem = Problem(kind, order_key, batch.platform, reason, ref=batch.ref)  # type: ignore[arg-type]
+        problem = Problem(kind, order_key, batch.platform, reason, ref=batch.ref)
         await self._store.commit_observation(
             Observation(
                 hint_ids=batch.hint_ids,
