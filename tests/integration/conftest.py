@@ -18,7 +18,8 @@ import pytest
 from pydantic import SecretStr
 
 from bridge.config import Settings
-from bridge.mapping import StatusMapping
+from bridge.mapping import StatusMapping, parse_mapping
+from bridge.platforms import PLATFORMS
 from bridge.sandbox.bitrix24 import DEFAULT_SALE_STATUSES, Bitrix24Simulator, SaleStatus
 from bridge.sandbox.metakocka import MetaKockaSimulator
 from bridge.sandbox.server import ServerThread, serve_in_loop
@@ -309,3 +310,23 @@ class running_bridge:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._cm.__aexit__(*exc)
+
+
+def mapping_with(platform: str, canonical: str, target: int | str) -> StatusMapping:
+    """The harness's mapping with one target replaced, rebuilt through parse_mapping (so it is
+    checked like a mapping file would be)."""
+    statuses: dict[str, Any] = {}
+    for name, status in MAPPING.statuses.items():
+        entry: dict[str, Any] = {"rank": status.rank}
+        for p, t in status.targets.items():
+            native = PLATFORMS[p].native_type
+            also = sorted(status.inbound[p] - {t.native})
+            entry[p] = {
+                "target": native(t.native),
+                "also": [native(n) for n in also],
+                **t.options.model_dump(exclude_defaults=True),
+            }
+        statuses[name] = entry
+    statuses[canonical][platform] = {"target": target}
+    backward = [{"from": a, "to": b} for a, b in sorted(MAPPING.backward)]
+    return parse_mapping({"statuses": statuses, "backward": backward}, PLATFORMS, "test")

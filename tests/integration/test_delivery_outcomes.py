@@ -28,9 +28,8 @@ from starlette.applications import Starlette
 
 import bridge.delivery as delivery_module
 import bridge.platforms.shoptet as shoptet_module
-from bridge.mapping import StatusMapping, parse_mapping
+from bridge.mapping import StatusMapping
 from bridge.models import DesiredWrite, Observation
-from bridge.platforms import PLATFORMS
 from bridge.sandbox.metakocka import MetaKockaSimulator
 from bridge.sandbox.server import ServerThread, serve_in_loop
 from bridge.sandbox.shoptet import ShoptetSimulator
@@ -44,6 +43,7 @@ from tests.integration.conftest import (
     agreed_on,
     audit_has,
     eventually,
+    mapping_with,
     settle,
 )
 
@@ -213,26 +213,6 @@ async def serve(
         if register_webhook:
             world.shoptet.register_webhook("order:update", f"{url}/webhooks/shoptet")
         yield bridge
-
-
-def mapping_with(platform: str, canonical: str, target: int | str) -> StatusMapping:
-    """The harness's mapping with one target replaced, rebuilt through parse_mapping (so it is
-    checked like a mapping file would be)."""
-    statuses: dict[str, Any] = {}
-    for name, status in MAPPING.statuses.items():
-        entry: dict[str, Any] = {"rank": status.rank}
-        for p, t in status.targets.items():
-            native = PLATFORMS[p].native_type
-            also = sorted(status.inbound[p] - {t.native})
-            entry[p] = {
-                "target": native(t.native),
-                "also": [native(n) for n in also],
-                **t.options.model_dump(exclude_defaults=True),
-            }
-        statuses[name] = entry
-    statuses[canonical][platform] = {"target": target}
-    backward = [{"from": a, "to": b} for a, b in sorted(MAPPING.backward)]
-    return parse_mapping({"statuses": statuses, "backward": backward}, PLATFORMS, "test")
 
 
 async def agreed_order(world: World, code: str = CODE, canonical: str = "new") -> str:

@@ -18,8 +18,7 @@ import pytest
 
 import bridge.delivery as delivery_module
 import bridge.platforms.shoptet as shoptet_module
-from bridge.mapping import StatusMapping, parse_mapping
-from bridge.platforms import PLATFORMS
+from bridge.mapping import StatusMapping
 from bridge.sandbox.server import serve_in_loop
 from bridge.sandbox.shoptet import RecordedRequest
 from bridge.service import Bridge
@@ -36,6 +35,7 @@ from tests.integration.conftest import (
     World,
     agreed_on,
     eventually,
+    mapping_with,
     settle,
 )
 
@@ -81,26 +81,6 @@ def seen(world: World) -> Counter[tuple[str, str, int]]:
         op = find_operation(r.method, r.path)
         counts[(r.method, op[0] if op else r.path, r.status)] += 1
     return counts
-
-
-def mapping_with(platform: str, canonical: str, target: int | str) -> StatusMapping:
-    """The harness's mapping with one target replaced, rebuilt through parse_mapping (so it is
-    checked like a mapping file would be)."""
-    statuses: dict[str, Any] = {}
-    for name, status in MAPPING.statuses.items():
-        entry: dict[str, Any] = {"rank": status.rank}
-        for p, t in status.targets.items():
-            native = PLATFORMS[p].native_type
-            also = sorted(status.inbound[p] - {t.native})
-            entry[p] = {
-                "target": native(t.native),
-                "also": [native(n) for n in also],
-                **t.options.model_dump(exclude_defaults=True),
-            }
-        statuses[name] = entry
-    statuses[canonical][platform] = {"target": target}
-    backward = [{"from": a, "to": b} for a, b in sorted(MAPPING.backward)]
-    return parse_mapping({"statuses": statuses, "backward": backward}, PLATFORMS, "test")
 
 
 # --- driving -----------------------------------------------------------------------------------
