@@ -2,7 +2,9 @@
 
 All sqlite3 work runs on one dedicated thread, which owns the connection: the event loop never
 blocks on disk, the connection is never shared between threads, and calls are serialised
-without a lock. Write transactions start with ``BEGIN IMMEDIATE`` so that another process on
+without a lock. Storing webhooks' hints goes to the head of that thread's queue: a webhook's
+200 waits for the one call in progress at most, never for the worker's backlog. Write
+transactions start with ``BEGIN IMMEDIATE`` so that another process on
 the same file makes us wait (``busy_timeout``) instead of failing half-way through.
 
 The schema lives in ``sql/sqlite/NNN_*.sql``; ``PRAGMA user_version`` records how many of
@@ -12,10 +14,13 @@ those files have been applied.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any, TypeVar, TypeVarTuple
 
 import orjson
 
+from bridge.groupcommit import GroupCommit
 from bridge.models import (
     AuditEntry,
     Delivery,
@@ -264,22 +270,70 @@ def _only_comments(text: str) -> bool:
 # -- the store -------------------------------------------------------------------------------
 
 
+class _StoreThread:
+    """The one thread that runs sqlite3 calls: urgent calls first, the rest in order."""
+
+    URGENT, NORMAL, LAST = 0, 1, 2
+
+    def __init__(self) -> None:
+        self._jobs: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="bridge-sqlite", daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((priority, next(self._order), (future, fn, args)))
+        return future
+
+    def shutdown(self) -> None:
+        """Finish every queued call, then stop."""
+        self._jobs.put((self.LAST, next(self._order), None))
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            _, _, job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller was cancelled before it started
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+_Job = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
 class SQLiteStore(Store):
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._busy_timeout = busy_timeout
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: _StoreThread | None = None
         self._conn: sqlite3.Connection | None = None
+        self._observations: GroupCommit[tuple[Observation, list[tuple[Any, ...]]], bool] = (
+            GroupCommit(self._commit_observations)
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
     async def _call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
-        if self._executor is None:
+        return await self._submit(_StoreThread.NORMAL, fn, *args)
+
+    async def _urgent(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        return await self._submit(_StoreThread.URGENT, fn, *args)
+
+    async def _submit(self, priority: int, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        if self._thread is None:
             raise RuntimeError("SQLiteStore is not open")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            result: T = await asyncio.wrap_future(self._thread.submit(priority, fn, args))
         except sqlite3.OperationalError as exc:
             # Locked, read-only, disk full, I/O error: the environment, not the caller.
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
+        return result
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -298,9 +352,9 @@ class SQLiteStore(Store):
 
     # -- life cycle -------------------------------------------------------------------------
     async def open(self) -> None:
-        if self._executor is not None:
+        if self._thread is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-sqlite")
+        self._thread = _StoreThread()
         try:
             await self._call(self._open)
         except BaseException:
@@ -353,13 +407,13 @@ class SQLiteStore(Store):
                 raise
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._close)
+            await asyncio.wrap_future(thread.submit(_StoreThread.NORMAL, self._close, ()))
         finally:
-            executor.shutdown(wait=True)
+            await asyncio.to_thread(thread.shutdown)
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -370,7 +424,7 @@ class SQLiteStore(Store):
     async def add_hints(self, hints: Sequence[NewHint]) -> None:
         rows = [(h.platform, h.ref, h.event, h.received_at, h.observed) for h in hints]
         try:
-            await self._call(self._add_hints, rows)
+            await self._urgent(self._add_hints, rows)
         except sqlite3.Error as exc:
             # Whatever went wrong, the webhook must hear 503, never 200-and-drop.
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
@@ -483,57 +537,90 @@ class SQLiteStore(Store):
     async def commit_observation(self, observation: Observation) -> bool:
         # Serialised here, on the loop, so a bad detail fails before the transaction starts.
         audit = _audit_rows(observation.audit)
-        return await self._call(self._commit_observation, observation, audit)
+        return await self._observations.submit((observation, audit))
 
-    def _commit_observation(self, obs: Observation, audit: list[tuple[Any, ...]]) -> bool:
+    async def _commit_observations(
+        self, items: list[tuple[Observation, list[tuple[Any, ...]]]]
+    ) -> list[bool | BaseException]:
+        outcomes = await self._call(self._write_observations, items)
+        return [
+            StoreUnavailable(f"SQLite store {self.path}: {o}")
+            if isinstance(o, sqlite3.OperationalError)
+            else o
+            for o in outcomes
+        ]
+
+    def _write_observations(
+        self, items: list[tuple[Observation, list[tuple[Any, ...]]]]
+    ) -> list[bool | BaseException]:
+        """Concurrent observations in one transaction (one fsync), each in its own savepoint:
+        one that conflicts or fails is undone alone, and its caller alone hears of it."""
         conn = self._begin()
+        outcomes: list[bool | BaseException] = []
         try:
-            key = obs.order_key
-            if key is not None:
-                row = conn.execute(_SELECT_ORDER_VERSION, (key,)).fetchone()
-                if (0 if row is None else row[0]) != obs.expected_version:
-                    conn.execute("ROLLBACK")
-                    return False
-                conn.execute(_UPSERT_ORDER, {"key": key, "canonical": obs.new_canonical})
-                sightings = [(obs.platform, obs.ref, obs.native_status)]
-                sightings += [(s.platform, s.ref, s.native_status) for s in obs.sightings]
-                for platform, ref, seen in sightings:
-                    link = {"key": key, "platform": platform, "ref": ref}
-                    conn.execute(_UNLINK_REF, link)
-                    seen_at = None if seen is None else obs.observed_at
-                    conn.execute(_UPSERT_SEEN, {**link, "seen": seen, "seen_at": seen_at})
-                at = obs.observed_at
-                if obs.desired:
-                    conn.executemany(
-                        _UPSERT_DESIRED,
-                        [
-                            {
-                                "key": key,
-                                "platform": want.platform,
-                                "canonical": want.canonical,
-                                "native": want.native,
-                                "at": at,
-                            }
-                            for want in obs.desired
-                        ],
-                    )
-                if obs.supersede:
-                    conn.executemany(
-                        _SUPERSEDE,
-                        [{"key": key, "platform": p, "at": at} for p in obs.supersede],
-                    )
-            if audit:
-                conn.executemany(_INSERT_AUDIT, audit)
-            if obs.problems:
-                conn.executemany(
-                    _INSERT_PROBLEM, [_problem_row(p, obs.observed_at) for p in obs.problems]
-                )
-            if obs.hint_ids:
-                conn.executemany(_DELETE_HINT, [(i,) for i in obs.hint_ids])
+            for obs, audit in items:
+                conn.execute("SAVEPOINT observation")
+                try:
+                    applied = self._apply_observation(conn, obs, audit)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO observation")
+                    outcomes.append(exc)
+                else:
+                    if not applied:
+                        conn.execute("ROLLBACK TO observation")
+                    outcomes.append(applied)
+                conn.execute("RELEASE observation")
             conn.execute("COMMIT")
         except BaseException:
             self._rollback(conn)
             raise
+        return outcomes
+
+    @staticmethod
+    def _apply_observation(
+        conn: sqlite3.Connection, obs: Observation, audit: list[tuple[Any, ...]]
+    ) -> bool:
+        key = obs.order_key
+        if key is not None:
+            row = conn.execute(_SELECT_ORDER_VERSION, (key,)).fetchone()
+            if (0 if row is None else row[0]) != obs.expected_version:
+                return False
+            conn.execute(_UPSERT_ORDER, {"key": key, "canonical": obs.new_canonical})
+            sightings = [(obs.platform, obs.ref, obs.native_status)]
+            sightings += [(s.platform, s.ref, s.native_status) for s in obs.sightings]
+            for platform, ref, seen in sightings:
+                link = {"key": key, "platform": platform, "ref": ref}
+                conn.execute(_UNLINK_REF, link)
+                seen_at = None if seen is None else obs.observed_at
+                conn.execute(_UPSERT_SEEN, {**link, "seen": seen, "seen_at": seen_at})
+            at = obs.observed_at
+            if obs.desired:
+                conn.executemany(
+                    _UPSERT_DESIRED,
+                    [
+                        {
+                            "key": key,
+                            "platform": want.platform,
+                            "canonical": want.canonical,
+                            "native": want.native,
+                            "at": at,
+                        }
+                        for want in obs.desired
+                    ],
+                )
+            if obs.supersede:
+                conn.executemany(
+                    _SUPERSEDE,
+                    [{"key": key, "platform": p, "at": at} for p in obs.supersede],
+                )
+        if audit:
+            conn.executemany(_INSERT_AUDIT, audit)
+        if obs.problems:
+            conn.executemany(
+                _INSERT_PROBLEM, [_problem_row(p, obs.observed_at) for p in obs.problems]
+            )
+        if obs.hint_ids:
+            conn.executemany(_DELETE_HINT, [(i,) for i in obs.hint_ids])
         return True
 
     # -- outbox -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,8 @@ def hints(n: int, ref: str = "A1") -> list[NewHint]:
 
 async def on_store_thread(store: SQLiteStore, fn: Callable[[sqlite3.Connection], Any]) -> Any:
     """Reach the store's own connection, on the one thread allowed to touch it."""
-    assert store._executor is not None and store._conn is not None
-    conn = store._conn
-    return await asyncio.get_running_loop().run_in_executor(store._executor, fn, conn)
+    assert store._conn is not None
+    return await store._call(fn, store._conn)
 
 
 def schema(path: Path) -> list[tuple[str, str]]:
@@ -238,6 +238,75 @@ async def test_concurrent_callers_are_serialised(store: SQLiteStore) -> None:
     assert await store.pending_hints() == 150
     batches = await store.claim_hints(100, T0, 30)
     assert sorted(i for b in batches for i in b.hint_ids) == list(range(1, 151))
+
+
+async def test_storing_hints_goes_ahead_of_queued_calls(store: SQLiteStore) -> None:
+    # A webhook's 200 waits for its hints' commit: that must not queue behind the worker.
+    gate = threading.Event()
+
+    def count_hints(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT count(*) FROM hints").fetchone()[0])
+
+    blocker = asyncio.ensure_future(on_store_thread(store, lambda _conn: gate.wait(5)))
+    await asyncio.sleep(0.05)  # the store thread is now inside the blocking call
+    queued = [asyncio.ensure_future(on_store_thread(store, count_hints)) for _ in range(5)]
+    await asyncio.sleep(0.01)  # all five are in the queue
+    stored = asyncio.ensure_future(store.add_hints(hints(1)))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(blocker, stored)
+
+    # Queued first, but every one of them ran after the hint was committed.
+    assert await asyncio.gather(*queued) == [1, 1, 1, 1, 1]
+
+
+def observation(key: str, hint_ids: tuple[int, ...] = ()) -> Observation:
+    return Observation(
+        hint_ids=hint_ids,
+        platform="shoptet",
+        ref=key,
+        observed_at=T0,
+        order_key=key,
+        native_status="2",
+        new_canonical="paid",
+        desired=(DesiredWrite("metakocka", "paid", "P"),),
+        audit=(AuditEntry(key, "shoptet", "decided", {"to": "paid"}, T0),),
+    )
+
+
+async def test_a_commit_failing_inside_a_group_is_undone_alone(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.add_hints([h for ref in ("A1", "B2", "C3") for h in hints(1, ref)])
+    batches = {b.ref: b for b in await store.claim_hints(10, T0, 30)}
+    apply = SQLiteStore._apply_observation
+
+    def fail_for_b2(conn: sqlite3.Connection, obs: Observation, audit: list[Any]) -> bool:
+        applied = apply(conn, obs, audit)  # B2's rows are written, then it fails
+        if obs.order_key == "B2":
+            raise sqlite3.IntegrityError("B2 broke")
+        return applied
+
+    monkeypatch.setattr(SQLiteStore, "_apply_observation", staticmethod(fail_for_b2))
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(on_store_thread(store, lambda _conn: gate.wait(5)))
+    await asyncio.sleep(0.05)
+    # Queued behind the blocker, the three commits go as one group.
+    commits = [
+        asyncio.ensure_future(store.commit_observation(observation(k, batches[k].hint_ids)))
+        for k in ("A1", "B2", "C3")
+    ]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await blocker
+    outcomes = await asyncio.gather(*commits, return_exceptions=True)
+
+    assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert await store.load_order("B2") is None
+    assert await store.pending_hints("shoptet", "B2") == 1
+    assert await store.pending_deliveries() == 2
+    assert {e.order_key for e in await store.list_audit()} == {"A1", "C3"}
 
 
 async def test_two_stores_on_one_file_never_claim_the_same_hints(path: Path) -> None:

@@ -283,6 +283,52 @@ async def test_a_stale_version_changes_nothing(
     assert await store.list_problems() == []
 
 
+async def test_concurrent_commits_each_get_their_own_outcome(store: Store) -> None:
+    # Concurrent commits may share a transaction (SQLite's group commit): a conflict in one
+    # must undo that one alone, and the others must still land.
+    await store.add_hints([hint("A1"), hint("B2"), hint("C3")])
+    batches = {b.ref: b for b in await store.claim_hints(10, T0, LEASE)}
+
+    outcomes = await asyncio.gather(
+        store.commit_observation(verdict(batches["A1"].hint_ids, canonical="paid")),
+        # Stale: A1 is at version 0 until the first one lands, then at 1; never at 5.
+        store.commit_observation(verdict(key="A1", version=5, canonical="cancelled")),
+        store.commit_observation(
+            verdict(batches["B2"].hint_ids, key="B2", ref="B2", canonical="shipped")
+        ),
+        store.commit_observation(
+            verdict(batches["C3"].hint_ids, key="C3", ref="C3", canonical="new", native="x")
+        ),
+    )
+
+    assert outcomes == [True, False, True, True]
+    assert await store.pending_hints() == 0
+    assert [(o.canonical, o.version) for o in await orders(store, "A1", "B2", "C3")] == [
+        ("paid", 1),
+        ("shipped", 1),
+        ("new", 1),
+    ]
+
+
+async def test_of_two_concurrent_commits_at_one_version_exactly_one_lands(store: Store) -> None:
+    first, second = await asyncio.gather(
+        store.commit_observation(verdict(canonical="paid", native="2")),
+        store.commit_observation(verdict(canonical="cancelled", native="9")),
+    )
+
+    assert sorted([first, second]) == [False, True]
+    order = await store.load_order("A1")
+    assert order is not None
+    assert order.version == 1
+    assert order.canonical == ("paid" if first else "cancelled")
+
+
+async def orders(store: Store, *keys: str) -> list[Any]:
+    loaded = [await store.load_order(key) for key in keys]
+    assert all(order is not None for order in loaded)
+    return loaded
+
+
 async def test_commit_without_an_order_key_records_only_audit_and_problems(
     store: Store,
 ) -> None:
