@@ -54,14 +54,19 @@ class LeakyBucket:
                 self._drain(self._clock())
             self._level += 1
 
-    async def wait_for_room(self) -> None:
-        """Wait until a request would go out at once, without taking the slot.
+    async def wait_for_room(self) -> bool:
+        """Wait until a request would go out at once, without taking the slot. True if requests
+        are scarce: it had to wait, or the bucket is still more than half full.
 
         Callers that batch use it to wait *before* deciding what to send, so that whatever
-        piles up meanwhile goes out in the same request.
+        piles up meanwhile goes out in the same request; when requests are scarce, they may
+        wait longer still for a fuller batch.
         """
+        waited = False
         while (wait := self.wait_time()) > 0:
+            waited = True
             await self._sleep(wait)
+        return waited or self._level > self.burst / 2
 
     def set_level(self, level: float) -> None:
         """The platform told us how full its bucket is (e.g. a response header): believe it."""

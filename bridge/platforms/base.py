@@ -127,13 +127,14 @@ class PlatformClient(ABC):
 
     reads_in_batches: ClassVar[int] = 0  # >0: read_many takes up to this many refs in one call
 
-    async def wait_ready(self) -> None:
-        """Return when a request would not have to wait for the platform's rate limit.
+    async def wait_ready(self) -> bool:
+        """Return when a request would not have to wait for the platform's rate limit; True if
+        requests are scarce (it had to wait, or the platform's budget is mostly used up).
 
         Batching callers wait here before choosing what goes into the next call, so a backlog
         that builds up while the platform is busy leaves in full batches.
         """
-        return  # no client-side rate limit by default
+        return False  # no client-side rate limit by default
 
     @abstractmethod
     async def write(self, request: WriteRequest) -> Outcome:

@@ -459,8 +459,8 @@ class Bitrix24Client(PlatformClient):
 
     reads_in_batches = BATCH_LIMIT
 
-    async def wait_ready(self) -> None:
-        await self.bucket.wait_for_room()
+    async def wait_ready(self) -> bool:
+        return await self.bucket.wait_for_room()
 
     async def read_many(self, refs: Sequence[str]) -> dict[str, Snapshot | ReadFailed | None]:
         """Up to 50 reads for the price of one request (``batch``); errors stay per order."""

@@ -294,8 +294,8 @@ class ShoptetClient(PlatformClient):
 
     reads_in_batches = ORDER_CODES_LIMIT
 
-    async def wait_ready(self) -> None:
-        await self.bucket.wait_for_room()
+    async def wait_ready(self) -> bool:
+        return await self.bucket.wait_for_room()
 
     async def read_many(self, refs: Sequence[str]) -> dict[str, Snapshot | ReadFailed | None]:
         """Up to 50 orders per ``GET /api/orders?orderCodes=``; a code not listed is missing."""

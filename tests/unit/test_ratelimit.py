@@ -75,3 +75,20 @@ async def test_the_platform_can_correct_our_level() -> None:
     assert t.slept == [pytest.approx(0.1)]
     bucket.set_level(-5)  # nonsense is clamped
     assert bucket.wait_time() == 0
+
+
+async def test_wait_for_room_says_whether_requests_are_scarce() -> None:
+    t = FakeTime()
+    bucket = LeakyBucket(10.0, 200, clock=t.clock, sleep=t.sleep)
+    assert await bucket.wait_for_room() is False  # empty: plenty of room
+    for _ in range(100):
+        await bucket.acquire()
+    assert await bucket.wait_for_room() is False  # half full: not yet scarce
+    await bucket.acquire()
+    assert await bucket.wait_for_room() is True  # more than half full
+    assert t.slept == []
+    bucket.fill()
+    assert await bucket.wait_for_room() is True  # had to wait for room
+    assert t.slept == [pytest.approx(0.1)]
+    t.now += 60.0
+    assert await bucket.wait_for_room() is False  # drained meanwhile

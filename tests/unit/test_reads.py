@@ -89,3 +89,39 @@ async def test_an_exploding_client_fails_every_waiter() -> None:
     reader = CoalescingReader(Exploding())
     with pytest.raises(ReadFailed, match="boom"):
         await reader.read("1")
+
+
+class SaturatedClient(BatchingClient):
+    """Its rate limit is what paces every call: wait_ready always had to wait."""
+
+    async def wait_ready(self) -> bool:
+        await asyncio.sleep(0)
+        return True
+
+
+async def test_a_saturated_platform_s_reads_wait_to_fill_a_batch() -> None:
+    client = SaturatedClient()
+    reader = CoalescingReader(client, linger_seconds=0.5)
+    first = [asyncio.ensure_future(reader.read(str(i))) for i in range(2)]
+    await asyncio.sleep(0.05)  # past the gathering window: a free platform would have read them
+    assert client.calls == []
+    later = [asyncio.ensure_future(reader.read(str(i))) for i in range(2, 7)]
+
+    # A full batch leaves at once; the two left over wait out the linger for company.
+    await asyncio.wait_for(asyncio.gather(*first, *later[:3]), 0.3)
+    assert client.calls == [["0", "1", "2", "3", "4"]]
+    await asyncio.wait_for(asyncio.gather(*later[3:]), 1.0)
+    assert client.calls[1:] == [["5", "6"]]
+
+
+async def test_a_saturated_platform_s_lone_read_waits_no_longer_than_the_linger() -> None:
+    client = SaturatedClient()
+    reader = CoalescingReader(client, linger_seconds=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    snap = await reader.read("1")
+
+    assert snap is not None
+    assert 0.2 <= loop.time() - started < 1.0
+    assert client.calls == [["1"]]
