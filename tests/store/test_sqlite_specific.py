@@ -309,6 +309,27 @@ async def test_a_commit_failing_inside_a_group_is_undone_alone(
     assert {e.order_key for e in await store.list_audit()} == {"A1", "C3"}
 
 
+async def test_claims_skip_the_fsync_and_everything_else_keeps_it(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    levels: list[int] = []
+    write = SQLiteStore._write
+
+    def spying_write(self: SQLiteStore, sql: str, params: dict[str, Any]) -> list[Any]:
+        levels.append(self._db().execute("PRAGMA synchronous").fetchone()[0])
+        return write(self, sql, params)
+
+    monkeypatch.setattr(SQLiteStore, "_write", spying_write)
+    await store.add_hints(hints(1))
+    assert len(await store.claim_hints(10, T0, 30)) == 1
+    await store.claim_deliveries("metakocka", 10, T0, 30)
+
+    # 1 = NORMAL (a lease lost to a power cut is harmless), 2 = FULL.
+    assert levels == [1, 1]
+    pragma = await on_store_thread(store, lambda c: c.execute("PRAGMA synchronous").fetchone())
+    assert pragma[0] == 2
+
+
 async def test_two_stores_on_one_file_never_claim_the_same_hints(path: Path) -> None:
     # Two connections stand in for two processes sharing the file.
     stores = [SQLiteStore(str(path)), SQLiteStore(str(path))]
