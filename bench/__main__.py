@@ -1,7 +1,8 @@
 """``python -m bench``: load and economy benchmarks of the bridge against its simulators.
 
 See bench/README.md. Quick mode (``--quick``) takes about four minutes (the 2-minute soak is most
-of it); the full mode (default) about 35 minutes and writes docs/benchmarks.md.
+of it), ten more with ``--p4``; the full mode (default) about 45 minutes and writes
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BRIDGE_CORE, LOAD_CORE = "0", "1"
 ECONOMY = "tests/integration/test_economy.py"
+# P2 paced: 32 connections, each pausing this long after an answer: ~3,000/s offered.
+PAUSE_MS = 8.0
 COMMANDS: list[str] = []
 
 
@@ -175,12 +178,25 @@ def write_bodies(info: dict[str, Any], codes: list[str], path: Path) -> None:
             f.write(f"{sig}\t{body.decode()}\n")
 
 
-def run_wrk(url: str, bodies: Path, seconds: int, conns: int = 32) -> dict[str, Any]:
+def run_wrk(
+    url: str, bodies: Path, seconds: int, conns: int = 32, pause_ms: float | None = None
+) -> dict[str, Any]:
+    """wrk flat out, or paced: each connection pausing ``pause_ms`` before its next request."""
     script = ROOT / "bench" / "sign.lua"
     cmd = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
     cmd += ["-s", str(script), url, "--", str(bodies)]
+    paced = [] if pause_ms is None else [f"{pause_ms:g}"]
+    cmd += paced
     shown = " ".join(
-        [*cmd[:-5], "-s", "bench/sign.lua", url.rsplit(":", 1)[0] + ":PORT", "--", "BODIES"]
+        [
+            *cmd[: -5 - len(paced)],
+            "-s",
+            "bench/sign.lua",
+            url.rsplit(":", 1)[0] + ":PORT",
+            "--",
+            "BODIES",
+            *paced,
+        ]
     )
     if shown not in COMMANDS:
         COMMANDS.append(shown)
@@ -237,10 +253,13 @@ def p3_propagation(info: dict[str, Any], url: str, codes: list[str]) -> dict[str
     }
 
 
-def run_pytest(node_ids: list[str]) -> str:
+def run_pytest(node_ids: list[str], env: dict[str, str] | None = None) -> str:
     cmd = [PY, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *node_ids]
-    COMMANDS.append("python -m pytest -q -s " + " ".join(n.split("::", 1)[1] for n in node_ids))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    shown = "python -m pytest -q -s " + " ".join(n.split("::", 1)[1] for n in node_ids)
+    COMMANDS.append(" ".join([*(f"{k}={v}" for k, v in (env or {}).items()), shown]))
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     if proc.returncode != 0:
         log(f"pytest exited {proc.returncode}:\n{proc.stdout[-3000:]}")
     return proc.stdout
@@ -285,16 +304,43 @@ def p5_economy() -> dict[str, Any]:
     return res
 
 
-def p4_backlog() -> dict[str, Any]:
-    out = run_pytest([f"{ECONOMY}::test_5000_pending_writes_leave_for_bitrix24_in_full_batches"])
+SHOPTET_BACKLOG = 5000
+
+
+def p4_backlog(shoptet_backlog: int = SHOPTET_BACKLOG) -> dict[str, Any]:
+    """Both halves of P4 from one pytest run: the Bitrix24 test (5,000 writes, 2 req/s, burst
+    50) and the Shoptet one (``shoptet_backlog`` writes, bucket of 200 draining 10/s)."""
+    out = run_pytest(
+        [
+            f"{ECONOMY}::test_5000_pending_writes_leave_for_bitrix24_in_full_batches",
+            f"{ECONOMY}::test_pending_writes_leave_for_shoptet_at_the_bucket_rate",
+        ],
+        env={"BRIDGE_BENCH_SHOPTET_BACKLOG": str(shoptet_backlog)},
+    )
+    series = {
+        m.group(1): json.loads(m.group(2))
+        for m in re.finditer(r"^drain series (\w+): (\[.*\])$", out, re.MULTILINE)
+    }
+    res: dict[str, Any] = {
+        "bitrix24": _p4_bitrix24(out),
+        "shoptet": _p4_shoptet(out),
+        "series": series,
+    }
+    for target in ("bitrix24", "shoptet"):
+        if "error" not in res[target] and target not in series:
+            res[target]["error"] = "the economy test printed no drain series"
+    return res
+
+
+def _p4_bitrix24(out: str) -> dict[str, Any]:
     m = re.search(
-        r"(\d+) pending writes into Bitrix24 .*?: (\d+) calls \((\d+) batch writes, (\d+) poll, "
-        r"(\d+) refused; least (\d+)\); drained in ([\d.]+) s",
+        r"(\d+) pending writes into Bitrix24 .*?: (\d+) calls \((\d+) batch writes, (\d+) reads, "
+        r"(\d+) poll, (\d+) refused; least (\d+)\); drained in ([\d.]+) s",
         out,
     )
     if not m:
-        return {"error": "could not parse the economy test's output", "tail": out[-500:]}
-    backlog, calls, batches, _polls, refused, least, took = m.groups()
+        return {"error": "could not parse the Bitrix24 backlog test's output", "tail": out[-500:]}
+    backlog, calls, batches, reads, _polls, refused, least, took = m.groups()
     calls_i, least_i = int(calls), int(least)
     min_time = least_i / 2.0  # the portal's bucket is full at the start: every call at 2/s
     return {
@@ -302,11 +348,49 @@ def p4_backlog() -> dict[str, Any]:
         "calls": calls_i,
         "least_calls": least_i,
         "batch_writes": int(batches),
+        "read_calls": int(reads),
         "refused": int(refused),
         "seconds": float(took),
         "min_seconds": min_time,
         "calls_ratio": calls_i / least_i,
         "time_ratio": float(took) / min_time,
+        # The least drain: 50 writes a call and 50 echoes read a call, 2 calls a second from the
+        # start (bucket full).
+        "least_curve": [[0.0, int(backlog)], [min_time, 0]],
+    }
+
+
+def _p4_shoptet(out: str) -> dict[str, Any]:
+    m = re.search(
+        r"(\d+) pending writes into Shoptet \(bucket (\d+), ([\d.]+)/s\): (\d+) calls "
+        r"\((\d+) writes, (\d+) reads, (\d+) poll, (\d+) other, (\d+) refused; least (\d+)\); "
+        r"drained in ([\d.]+) s vs theoretical minimum ([\d.]+) s",
+        out,
+    )
+    if not m:
+        return {"error": "could not parse the Shoptet backlog test's output", "tail": out[-500:]}
+    backlog, bucket, drain, calls, writes, reads, polls, other, refused, least, took, least_s = (
+        m.groups()
+    )
+    n, size, rate = int(backlog), int(bucket), float(drain)
+    calls_i, least_i, min_time = int(calls), int(least), float(least_s)
+    first = min(n, size)  # the empty bucket takes this many at once, the rest leave at `rate`/s
+    return {
+        "backlog": n,
+        "bucket": size,
+        "drain_per_second": rate,
+        "calls": calls_i,
+        "least_calls": least_i,
+        "write_calls": int(writes),
+        "read_calls": int(reads),
+        "poll_calls": int(polls),
+        "other_calls": int(other),
+        "refused": int(refused),
+        "seconds": float(took),
+        "min_seconds": min_time,
+        "calls_ratio": calls_i / least_i,
+        "time_ratio": float(took) / min_time if min_time > 0 else None,
+        "least_curve": [[0.0, n], [0.0, n - first], [min_time, 0]],
     }
 
 
@@ -386,6 +470,7 @@ def table(rows: list[tuple[str, str, str, str, str]]) -> str:
 
 def rows_of(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows = []
+    paced = res.get("p2_paced")
     if "p1" in res:
         p1, base = res["p1"], res["p1_baseline"]
         ratio = p1["rps"] / base["rps"]
@@ -418,6 +503,18 @@ def rows_of(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     tgt,
                     f"{v / b:.2f}x of baseline {b:.2f} ms",
                     verdict(v, 10) if q == "p99" else "—",
+                )
+            )
+    if paced:
+        for q in ("p50", "p99"):
+            rows.append(
+                (
+                    f"P2 ack latency {q} at 32 conns, paced ({PAUSE_MS:g} ms pause each; "
+                    f"{paced['rps']:,.0f}/s)",
+                    f"{paced[f'{q}_us'] / 1000:.2f} ms",
+                    "≤ 10 ms" if q == "p99" else "—",
+                    "",
+                    verdict(paced[f"{q}_us"] / 1000, 10) if q == "p99" else "—",
                 )
             )
     if "p3" in res:
@@ -504,33 +601,70 @@ def rows_of(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 verdict(p6["growth_mb"], 5),
             )
         )
-    if "p4" in res and "calls" in res["p4"]:
-        p4 = res["p4"]
+    p4 = res.get("p4") or {}
+    b24 = p4.get("bitrix24") or {}
+    if "calls" in b24:
         rows.append(
             (
-                f"P4 Bitrix24 backlog {p4['backlog']}: calls",
-                str(p4["calls"]),
+                f"P4 Bitrix24 backlog {b24['backlog']}: calls",
+                str(b24["calls"]),
                 "≤ 1.1x least",
-                f"{p4['calls_ratio']:.2f}x of {p4['least_calls']}",
-                verdict(p4["calls_ratio"], 1.1),
+                f"{b24['calls_ratio']:.2f}x of {b24['least_calls']}",
+                verdict(b24["calls_ratio"], 1.1),
             )
         )
         rows.append(
             (
                 "P4 Bitrix24 backlog: drain time",
-                f"{p4['seconds']:.1f} s",
+                f"{b24['seconds']:.1f} s",
                 "≤ 1.1x least",
-                f"{p4['time_ratio']:.2f}x of {p4['min_seconds']:.0f} s",
-                verdict(p4["time_ratio"], 1.1),
+                f"{b24['time_ratio']:.2f}x of {b24['min_seconds']:.0f} s",
+                verdict(b24["time_ratio"], 1.1),
             )
         )
         rows.append(
             (
                 "P4 Bitrix24 refusals",
-                str(p4["refused"]),
+                str(b24["refused"]),
                 "≤ 1 (the first)",
                 "",
-                verdict(p4["refused"], 1),
+                verdict(b24["refused"], 1),
+            )
+        )
+    shop = p4.get("shoptet") or {}
+    if "calls" in shop:
+        rows.append(
+            (
+                f"P4 Shoptet backlog {shop['backlog']}: calls (writes / reads / polls / other)",
+                f"{shop['calls']} ({shop['write_calls']} / {shop['read_calls']} / "
+                f"{shop['poll_calls']} / {shop['other_calls']})",
+                "≤ 1.1x least",
+                f"{shop['calls_ratio']:.2f}x of {shop['least_calls']} (one PATCH an order)",
+                verdict(shop["calls_ratio"], 1.1),
+            )
+        )
+        least_s = shop["min_seconds"]
+        rows.append(
+            (
+                "P4 Shoptet backlog: drain time",
+                f"{shop['seconds']:.1f} s",
+                "≤ 1.1x least",
+                (
+                    f"{shop['time_ratio']:.2f}x of {least_s:.0f} s"
+                    if shop["time_ratio"] is not None
+                    else f"least {least_s:.0f} s"
+                )
+                + f" ((N - {shop['bucket']}) / {shop['drain_per_second']:g})",
+                verdict(shop["time_ratio"], 1.1),
+            )
+        )
+        rows.append(
+            (
+                "P4 Shoptet refusals (429)",
+                str(shop["refused"]),
+                "≤ 1 (the first)",
+                "",
+                verdict(shop["refused"], 1),
             )
         )
     return rows
@@ -549,7 +683,10 @@ def plots(res: dict[str, Any], folder: Path) -> list[str]:
     made = []
     if "p1" in res:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("p1_baseline", "bare Starlette"), ("p1", "bridge")):
+        runs = [("p1_baseline", "bare Starlette, flat out"), ("p1", "bridge, flat out")]
+        if "p2_paced" in res:
+            runs.append(("p2_paced", f"bridge, paced ({res['p2_paced']['rps']:,.0f}/s)"))
+        for key, label in runs:
             qs = [q / 1000 for q in res[key]["quantiles_us"]]
             ax.hist(qs, bins=40, alpha=0.6, label=label)  # each quantile = 0.5 % of requests
         ax.set_xlabel("acknowledgement latency (ms), 32 connections")
@@ -577,6 +714,32 @@ def plots(res: dict[str, Any], folder: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(folder / "rss-soak.png", dpi=100)
         made.append("rss-soak.png")
+    p4 = res.get("p4") or {}
+    drained = [p for p in ("bitrix24", "shoptet") if p in (p4.get("series") or {})]
+    if drained:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = {
+            "bitrix24": "Bitrix24 (2 req/s, burst 50)",
+            "shoptet": "Shoptet (bucket 200, 10/s)",
+        }
+        styles = {"bitrix24": ("tab:blue", "--"), "shoptet": ("tab:orange", ":")}
+        for target in drained:
+            colour, dashes = styles[target]
+            t, pending = zip(*p4["series"][target], strict=True)
+            ax.plot(t, pending, color=colour, lw=4, alpha=0.5, label=f"{names[target]}, measured")
+            least = (p4.get(target) or {}).get("least_curve")
+            if least:
+                lt, lp = zip(*least, strict=True)
+                ax.plot(lt, lp, color="black", lw=1, ls=dashes, label="its theoretical minimum")
+        ax.set_xlabel("seconds since the bridge started")
+        ax.set_ylabel("writes pending")
+        ax.set_title("P4: backlog drained over time")
+        ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "backlog-drain.png", dpi=100)
+        made.append("backlog-drain.png")
     return made
 
 
@@ -594,8 +757,16 @@ def write_docs(res: dict[str, Any], mode: str, mach: dict[str, str], pngs: list[
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="short run (~4 min, 2-min soak)")
-    ap.add_argument("--p4", action="store_true", help="also run P4 in quick mode (~1 min)")
+    ap.add_argument("--p4", action="store_true", help="also run P4 in quick mode (~10 min)")
     ap.add_argument("--no-p4", action="store_true", help="skip P4 in full mode")
+    ap.add_argument(
+        "--shoptet-backlog",
+        type=int,
+        default=SHOPTET_BACKLOG,
+        metavar="N",
+        help=f"writes owed to Shoptet in P4 (default {SHOPTET_BACKLOG}: about 8 min; "
+        "(N - 200) / 10 s at least)",
+    )
     ap.add_argument("--soak-minutes", type=float, default=None)
     ap.add_argument(
         "--profile",
@@ -682,6 +853,20 @@ def main() -> None:
                 "baseline_p99_ms": base["p99_us"] / 1000,
             },
         )
+        # P2 below saturation: each connection pauses between requests (about 3,000/s offered).
+        log(f"P2 paced: wrk {seconds} s, {PAUSE_MS} ms pause per connection")
+        res["p2_paced"] = run_wrk(url, bodies, seconds, pause_ms=PAUSE_MS)
+        emit(
+            results,
+            {
+                "scenario": "P2 ack latency, paced",
+                "pause_ms": PAUSE_MS,
+                "rps": round(res["p2_paced"]["rps"]),
+                "p50_ms": res["p2_paced"]["p50_us"] / 1000,
+                "p99_ms": res["p2_paced"]["p99_us"] / 1000,
+                "non2xx": res["p2_paced"]["non2xx"],
+            },
+        )
         if args.profile is not None:
             res["profile"] = profile(bridge.pid, url, bodies, seconds, args.profile)
             emit(results, {"scenario": "profile (py-spy, P1 load)", **res["profile"]})
@@ -732,9 +917,15 @@ def main() -> None:
     res["p5"] = p5_economy()
     emit(results, {"scenario": "P5 API economy", **res["p5"]})
     if (not quick and not args.no_p4) or args.p4:
-        log("P4: 5,000 writes into Bitrix24 (tests/integration/test_economy.py, ~55 s)")
-        res["p4"] = p4_backlog()
-        emit(results, {"scenario": "P4 backlog (Bitrix24)", **res["p4"]})
+        n = args.shoptet_backlog
+        log(
+            f"P4: 5,000 writes into Bitrix24 (~55 s), {n:,} into Shoptet "
+            f"(~{max(0, n - 200) / 10 + 15:.0f} s) (tests/integration/test_economy.py)"
+        )
+        res["p4"] = p4_backlog(n)
+        for target, name in (("bitrix24", "Bitrix24"), ("shoptet", "Shoptet")):
+            row = {k: v for k, v in res["p4"][target].items() if k != "least_curve"}
+            emit(results, {"scenario": f"P4 backlog ({name})", **row})
     print()
     print(table(rows_of(res)))
     (tmp / "results.json").write_text(json.dumps(res))

@@ -1,6 +1,11 @@
 -- wrk script: POST signed Shoptet webhooks, cycling through precomputed bodies.
--- usage: wrk ... -s bench/sign.lua URL -- BODIES_FILE
+-- usage: wrk ... -s bench/sign.lua URL -- BODIES_FILE [PAUSE_MS]
 -- BODIES_FILE: one "signature<TAB>body" per line (HMAC-SHA1 hex of the body, precomputed).
+-- PAUSE_MS: each connection waits a random time, PAUSE_MS on average (exponentially
+-- distributed, as between the webhooks of independent senders), before its next request: a
+-- paced load of about C * 1000 / PAUSE_MS per second with C connections. A fixed pause would
+-- keep connections answered by one group commit in step, arriving in bursts. Without
+-- PAUSE_MS, no pause at all.
 local bodies = {}
 local sigs = {}
 local i = 0
@@ -10,6 +15,12 @@ function init(args)
     local tab = string.find(line, "\t", 1, true)
     sigs[#sigs + 1] = string.sub(line, 1, tab - 1)
     bodies[#bodies + 1] = string.sub(line, tab + 1)
+  end
+  if args[2] then
+    local mean = tonumber(args[2])
+    math.randomseed(os.time())
+    -- Defined only when pacing: wrk checks for delay() after init().
+    function delay() return -mean * math.log(1 - math.random()) end
   end
 end
 
