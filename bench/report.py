@@ -160,8 +160,9 @@ py-spy `--gil` profile of the same load (only the thread holding the interpreter
 76 % of samples to the HTTP layer, 8 % to the SQLite thread, 7 % to the worker and the platform
 clients, and about 6 % to the bridge's own webhook handler.
 
-Paced below saturation (the "paced" rows), the same 32 connections see the latency a shop's
-webhooks would see.
+Paced below saturation (the "paced" rows: independent senders, about 3,000/s offered), the
+tail is no better: with fewer webhooks arriving per order between two looks, fewer of them
+share a read and a verdict, and the worker's cost per webhook grows (below).
 
 Where the time per webhook goes, measured apart in the same harness: with the worker stopped
 (a diagnostic build, not shipped) ingest reached 10,225 and 11,177/s with p99 8.4 and 7.4 ms;
@@ -169,18 +170,21 @@ the bare Starlette baseline does about 26,000/s. So roughly a third of the core 
 worker deciding the orders the webhooks name (300 orders, each decided about twice a second
 under this load), and of the rest, about 40 µs a webhook is the HTTP stack itself.
 
-The worker's cost is mostly not Python: paced at about 315 webhooks/s the bridge used 44 % of
-its core, some 1.4 ms a webhook, with half of the samples in the event loop's own C code
-(waking up, polling) and the store thread's queue. Each webhook makes about eight store calls
-(claim, find the order, load it twice, commit, the delivery loop's checks), and every call
-crosses to the store thread and back: two thread switches on one core, each costlier than the
-20 µs SQLite needs for a point read.
+Paced at about 315 webhooks/s the bridge used 35-45 % of its core (`/proc/PID/stat`), some
+1.2-1.4 ms a webhook, split about evenly between the event loop's thread and the store thread
+(per-thread CPU from `/proc/PID/task/*/stat`). At that rate each webhook costs the store
+three to four write transactions (store the hint, claim it, commit the verdict, and the
+delivery loop's claim) and about eight calls in all, each a trip to the store thread and back.
+
+Tried and not kept: serving the point reads (find an order, load it, count pending work) on the
+event loop from a second, query-only connection, so that they skip that trip. In the same
+harness the CPU per webhook and the latencies stayed within the noise (35-45 % of the core at
+315/s; paced p99 14.4-15.4 ms against 13.1 ms before), so the simpler design stayed.
 
 Plan:
-1. Serve the store's point reads (find an order, load it, count pending work) on the event loop
-   from a second, read-only SQLite connection: WAL readers never wait for the writer, and a
-   read from the page cache costs less than the trip to the store thread. Writes stay on the
-   store thread.
+1. Fewer store transactions per webhook: hand a webhook's hints to the worker in memory, stored
+   already claimed by the transaction that stores them, so the worker's separate claim
+   transaction (and its scan of the hints table) goes away for them.
 2. Let the worker yield to intake under load: while webhooks arrive faster than it decides,
    claim each order's hints after a short settling delay, so that more of them share one read
    and one verdict.
