@@ -4,8 +4,8 @@ All sqlite3 work runs on one dedicated thread, which owns the connection: the ev
 blocks on disk, the connection is never shared between threads, and calls are serialised
 without a lock. Storing webhooks' hints goes to the head of that thread's queue: a webhook's
 200 waits for the one call in progress at most, never for the worker's backlog. Write
-transactions start with ``BEGIN IMMEDIATE`` so that another process on
-the same file makes us wait (``busy_timeout``) instead of failing half-way through.
+transactions start with ``BEGIN IMMEDIATE`` so that another process on the same file makes us
+wait (``busy_timeout``) instead of failing half-way through.
 
 The schema lives in ``sql/sqlite/NNN_*.sql``; ``PRAGMA user_version`` records how many of
 those files have been applied.
@@ -332,8 +332,11 @@ class SQLiteStore(Store):
             result: T = await asyncio.wrap_future(self._thread.submit(priority, fn, args))
         except sqlite3.OperationalError as exc:
             # Locked, read-only, disk full, I/O error: the environment, not the caller.
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         return result
+
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        return StoreUnavailable(f"SQLite store {self.path}: {exc}")
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -427,7 +430,7 @@ class SQLiteStore(Store):
             await self._urgent(self._add_hints, rows)
         except sqlite3.Error as exc:
             # Whatever went wrong, the webhook must hear 503, never 200-and-drop.
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
+            raise self._unavailable(exc) from exc
 
     def _add_hints(self, rows: list[tuple[str, str, str, float, str | None]]) -> None:
         conn = self._begin()
@@ -554,11 +557,9 @@ class SQLiteStore(Store):
         self, items: list[tuple[Observation, list[tuple[Any, ...]]]]
     ) -> list[bool | BaseException]:
         outcomes = await self._call(self._write_observations, items)
+        # As _submit does for a whole call: the environment, not the caller.
         return [
-            StoreUnavailable(f"SQLite store {self.path}: {o}")
-            if isinstance(o, sqlite3.OperationalError)
-            else o
-            for o in outcomes
+            self._unavailable(o) if isinstance(o, sqlite3.OperationalError) else o for o in outcomes
         ]
 
     def _write_observations(
