@@ -182,22 +182,11 @@ def run_wrk(
     url: str, bodies: Path, seconds: int, conns: int = 32, pause_ms: float | None = None
 ) -> dict[str, Any]:
     """wrk flat out, or paced: each connection pausing ``pause_ms`` before its next request."""
-    script = ROOT / "bench" / "sign.lua"
-    cmd = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
-    cmd += ["-s", str(script), url, "--", str(bodies)]
+    wrk = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
     paced = [] if pause_ms is None else [f"{pause_ms:g}"]
-    cmd += paced
-    shown = " ".join(
-        [
-            *cmd[: -5 - len(paced)],
-            "-s",
-            "bench/sign.lua",
-            url.rsplit(":", 1)[0] + ":PORT",
-            "--",
-            "BODIES",
-            *paced,
-        ]
-    )
+    cmd = [*wrk, "-s", str(ROOT / "bench" / "sign.lua"), url, "--", str(bodies), *paced]
+    port = url.rsplit(":", 1)[0] + ":PORT"
+    shown = " ".join([*wrk, "-s", "bench/sign.lua", port, "--", "BODIES", *paced])
     if shown not in COMMANDS:
         COMMANDS.append(shown)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
