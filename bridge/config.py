@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     metakocka_secret_key: SecretStr | None = None
     metakocka_api_user_email: str | None = None
     metakocka_timeout_seconds: float = Field(60.0, gt=0)
+    # Calls in flight at once, reads, writes and polls together.
+    metakocka_max_connections: int = Field(4, ge=1, le=16)
     metakocka_poll_interval_seconds: float = Field(60.0, gt=0)
     metakocka_poll_overlap_seconds: float = Field(300.0, ge=0)
     metakocka_batch_size: int = Field(50, ge=1, le=100)

@@ -127,6 +127,22 @@ class PlatformClient(ABC):
 
     reads_in_batches: ClassVar[int] = 0  # >0: read_many takes up to this many refs in one call
 
+    async def read_many_by_key(
+        self, keys: Sequence[str]
+    ) -> dict[str, Snapshot | ReadFailed | None]:
+        """Several reads by order key at once; platforms that can look up many keys in one call
+        override this (and ``keys_in_batches``). Each key gets its snapshot, None, or its own
+        failure."""
+        results: dict[str, Snapshot | ReadFailed | None] = {}
+        for key in keys:
+            try:
+                results[key] = await self.read_by_key(key)
+            except ReadFailed as exc:
+                results[key] = exc
+        return results
+
+    keys_in_batches: ClassVar[int] = 0  # >0: read_many_by_key takes up to this many keys a call
+
     async def wait_ready(self) -> bool:
         """Return when a request would not have to wait for the platform's rate limit; True if
         requests are scarce (it had to wait, or the platform's budget is mostly used up).

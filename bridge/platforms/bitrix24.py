@@ -9,6 +9,8 @@ Facts relied on (docs/platforms.md has the sources):
 * a leaky bucket per portal: 2 requests/s with a burst of 50 (Enterprise: 5 and 250); overflow
   is ``503 QUERY_LIMIT_EXCEEDED``; a per-method time budget gives ``429 OPERATION_TIME_LIMIT``;
 * ``batch`` runs up to 50 commands for the price of one request, each with its own error;
+* list filters take ``@<field>`` (IN) with a list of values, and pages hold 50 items: a
+  ``batch`` of 50 lists finds up to 2,500 orders by key in one request;
 * errors are ``{error, error_description}``; sale codes are numbers, system codes strings.
 """
 
@@ -18,7 +20,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote
@@ -45,6 +47,9 @@ from bridge.signing import constant_time_equals
 NAME = "bitrix24"
 BATCH_LIMIT = 50
 PAGE_SIZE = 50
+# Keys in one list's IN filter: a page holds all their orders while each key is on one order.
+KEYS_PER_LIST = PAGE_SIZE
+KEYS_PER_CALL = BATCH_LIMIT * KEYS_PER_LIST  # 2,500: a batch of 50 such lists
 TOKENS_VALUE = "bitrix24:oauth"  # where OAuth tokens are kept in the store
 
 ORDER_EVENTS = frozenset({"ONSALEORDERSAVED", "ONORDERENTITYSAVED"})
@@ -219,6 +224,17 @@ def command(method: str, params: Mapping[str, Any]) -> str:
     for key, value in params.items():
         add(key, value)
     return f"{method}?{'&'.join(parts)}"
+
+
+def first_by_key(keys: Iterable[str], found: Iterable[Snapshot]) -> dict[str, Snapshot | None]:
+    """Each key's first snapshot that carries exactly that key (lists are ordered by id, so the
+    lowest id); None where none does. The portal's IN filter may match more loosely than
+    equality (its collation), hence the exact comparison."""
+    first: dict[str, Snapshot] = {}
+    for snapshot in found:
+        if snapshot.order_key is not None:
+            first.setdefault(snapshot.order_key, snapshot)
+    return {key: first.get(key) for key in keys}
 
 
 def update_params(mode: Mode, ref: str, native: str) -> dict[str, Any]:
@@ -514,29 +530,107 @@ class Bitrix24Client(PlatformClient):
             params["filter"]["CATEGORY_ID"] = self._category
         return params
 
-    async def _list(self, filters: Mapping[str, Any]) -> AsyncIterator[list[Snapshot]]:
+    def _listed(self, result: Any) -> list[Snapshot]:
+        """The items of a list answer's ``result`` (sale wraps them in ``orders``)."""
+        items = result
+        if self._entity.list_key and isinstance(items, dict):
+            items = items.get(self._entity.list_key)
+        return [self._snapshot(i) for i in items or [] if isinstance(i, dict)]
+
+    async def _list(
+        self, filters: Mapping[str, Any], start: int = 0
+    ) -> AsyncIterator[list[Snapshot]]:
         e = self._entity
-        start = 0
         while True:
             try:
                 answer = await self.call(e.list, self._list_params(filters, start))
             except B24Error as exc:
                 raise ReadFailed(f"{e.list}: {exc}", exc.retry_after) from exc
-            items = answer.get("result")
-            if e.list_key and isinstance(items, dict):
-                items = items.get(e.list_key)
-            yield [self._snapshot(i) for i in items or [] if isinstance(i, dict)]
+            yield self._listed(answer.get("result"))
             next_start = answer.get("next")
             if next_start is None:
                 return
             start = int(next_start)
 
     async def read_by_key(self, order_key: str) -> Snapshot | None:
-        async for page in self._list({f"={self._key_field}": order_key}):
-            for snapshot in page:
-                if snapshot.order_key == order_key:
-                    return snapshot
-        return None
+        found = (await self.read_many_by_key([order_key]))[order_key]
+        if isinstance(found, ReadFailed):
+            raise found
+        return found
+
+    keys_in_batches = KEYS_PER_CALL
+
+    async def read_many_by_key(
+        self, keys: Sequence[str]
+    ) -> dict[str, Snapshot | ReadFailed | None]:
+        """Up to 2,500 orders by key per request: one ``batch`` of up to 50 list commands, each
+        filtering the key field with IN (``@<key field>``) over 50 keys. A command's error fails
+        only its keys; a key no order carries is None."""
+        unique = list(dict.fromkeys(keys))
+        results: dict[str, Snapshot | ReadFailed | None] = {}
+        for start in range(0, len(unique), KEYS_PER_CALL):
+            part = unique[start : start + KEYS_PER_CALL]
+            chunks = [part[i : i + KEYS_PER_LIST] for i in range(0, len(part), KEYS_PER_LIST)]
+            if len(chunks) == 1:  # one list costs what a batch of one costs: send it plainly
+                results.update(await self._by_keys(chunks[0]))
+            else:
+                results.update(await self._by_keys_batched(chunks))
+        return results
+
+    def _key_filter(self, keys: Sequence[str]) -> dict[str, Any]:
+        return {f"@{self._key_field}": list(keys)}
+
+    async def _by_keys(
+        self, keys: Sequence[str], start: int = 0, found: Sequence[Snapshot] = ()
+    ) -> Mapping[str, Snapshot | ReadFailed | None]:
+        """``keys`` looked up with plain list calls from ``start`` on, after the items already
+        ``found`` (the first page of the same list, from a batch)."""
+        try:
+            listed = [s async for page in self._list(self._key_filter(keys), start) for s in page]
+        except ReadFailed as exc:
+            return dict.fromkeys(keys, exc)
+        return first_by_key(keys, [*found, *listed])
+
+    async def _by_keys_batched(
+        self, chunks: Sequence[Sequence[str]]
+    ) -> Mapping[str, Snapshot | ReadFailed | None]:
+        """One ``batch`` call, a list command for each chunk of keys."""
+        e = self._entity
+        cmd = {
+            f"k{i}": command(e.list, self._list_params(self._key_filter(chunk), 0))
+            for i, chunk in enumerate(chunks)
+        }
+        try:
+            answer = await self.call("batch", {"halt": 0, "cmd": cmd})
+        except B24Error as exc:
+            failed = ReadFailed(f"batch {e.list}: {exc}", exc.retry_after)
+            return {key: failed for chunk in chunks for key in chunk}
+        except ReadFailed as exc:
+            return {key: exc for chunk in chunks for key in chunk}
+        outer = answer.get("result") or {}
+        found = outer.get("result") or {}
+        errors = outer.get("result_error") or {}
+        more = outer.get("result_next") or {}
+        results: dict[str, Snapshot | ReadFailed | None] = {}
+        for i, chunk in enumerate(chunks):
+            name = f"k{i}"
+            err = errors.get(name) if isinstance(errors, dict) else None
+            if err:
+                error = error_of(400, err) or B24Error("0", "", 400)
+                failed = ReadFailed(f"{e.list}: {error}", error.retry_after)
+                results.update(dict.fromkeys(chunk, failed))
+                continue
+            if not isinstance(found, dict) or name not in found:
+                failed = ReadFailed(f"{e.list}: no result in the batch answer")
+                results.update(dict.fromkeys(chunk, failed))
+                continue
+            listed = self._listed(found[name])
+            next_start = more.get(name) if isinstance(more, dict) else None
+            if next_start is None:
+                results.update(first_by_key(chunk, listed))
+            else:  # more orders than a page (keys shared by several): the rest page by page
+                results.update(await self._by_keys(chunk, int(next_start), listed))
+        return results
 
     async def changes_since(self, since: str | None, until: str) -> AsyncIterator[list[NewHint]]:
         modified = self._entity.modified_field
@@ -550,22 +644,23 @@ class Bitrix24Client(PlatformClient):
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def _ref_for(self, request: WriteRequest) -> str | Outcome:
-        if request.ref:
-            return request.ref
-        try:
-            found = await self.read_by_key(request.order_key)
-        except ReadFailed as exc:
-            return Outcome("retry", reason=exc.reason, retry_after=exc.retry_after)
+    async def _refs_for(self, requests: Sequence[WriteRequest]) -> list[str | Outcome]:
+        """Each request's id: its ref, else found by its key, all of those in one look-up. An
+        outcome instead where the look-up failed (retry) or no order has the key (not_found)."""
+        found = await self.read_many_by_key([r.order_key for r in requests if not r.ref])
+        return [r.ref or self._found_ref(r.order_key, found[r.order_key]) for r in requests]
+
+    def _found_ref(self, order_key: str, found: Snapshot | ReadFailed | None) -> str | Outcome:
+        if isinstance(found, ReadFailed):
+            return Outcome("retry", reason=found.reason, retry_after=found.retry_after)
         if found is None:
             return Outcome(
-                "not_found",
-                reason=f"no {self._mode[:-1]} with {self._key_field}={request.order_key}",
+                "not_found", reason=f"no {self._mode[:-1]} with {self._key_field}={order_key}"
             )
         return found.ref
 
     async def write(self, request: WriteRequest) -> Outcome:
-        ref = await self._ref_for(request)
+        [ref] = await self._refs_for([request])
         if isinstance(ref, Outcome):
             return ref
         try:
@@ -577,11 +672,11 @@ class Bitrix24Client(PlatformClient):
         return Outcome("done", learned_ref=None if request.ref else ref)
 
     async def write_many(self, requests: Sequence[WriteRequest]) -> list[Outcome]:
-        """Up to 50 updates per ``batch`` call; each command's error is its own outcome."""
+        """Up to 50 updates per ``batch`` call; each command's error is its own outcome. Ids
+        not known yet are found by key first, all in one look-up."""
         outcomes: dict[int, Outcome] = {}
         refs: dict[int, str] = {}
-        for i, request in enumerate(requests):
-            ref = await self._ref_for(request) if not request.ref else request.ref
+        for i, ref in enumerate(await self._refs_for(requests)):
             if isinstance(ref, Outcome):
                 outcomes[i] = ref
             else:

@@ -8,14 +8,17 @@ Facts relied on (docs/platforms.md has the sources):
 * ``get_document`` answers the status label in ``status_code`` and the code-like "Opis" in
   ``status_desc``; writes take the Opis, so the mapping speaks Opis;
 * ``search`` pages hold at most 100 documents and run one at a time per company;
-* ``mk_id_list`` changes many orders to one status in one call.
+* ``mk_id_list`` changes many orders to one status in one call;
+* no call reads several orders: ``get_document`` takes one ``doc_id`` or ``buyer_order``, and
+  ``search`` filters one ``customer_order`` (and would queue behind the poller's searches).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from itertools import groupby
 from typing import Any, Literal
 
@@ -123,6 +126,17 @@ def snapshot_from_document(doc: dict[str, Any]) -> Snapshot:
 
 
 class MetaKockaClient(PlatformClient):
+    """Each read is a call of its own, so reads of many orders are sent side by side, at most
+    ``BRIDGE_METAKOCKA_MAX_CONNECTIONS`` calls of any kind in flight at once.
+
+    ``reads_in_batches`` and ``keys_in_batches`` stay 0: the worker then sends each order's
+    read as soon as it needs it, from all the orders it handles at once, and the connection
+    limit lets them out side by side. Gathering them into a ``read_many`` first would save no
+    request; it would only add the gathering window and hold each group back until its slowest
+    read. Callers that hold many at once (the sweep) pass them to ``read_many`` or
+    ``read_many_by_key``, which send them side by side in the same way.
+    """
+
     name = NAME
 
     def __init__(
@@ -149,11 +163,15 @@ class MetaKockaClient(PlatformClient):
             timeout=httpx.Timeout(settings.metakocka_timeout_seconds, connect=15.0),
             transport=transport,
         )
+        # MetaKocka publishes no rate limit, only a "quota exceeded" error: a few calls at once
+        # keep a burst of reads from running into it or crowding out the company's other users.
+        self._slots = asyncio.Semaphore(settings.metakocka_max_connections)
 
     async def _call(self, method: str, body: dict[str, Any]) -> Any:
         """POST a call; raises httpx.HTTPError, or ReadFailed for a non-JSON / non-200 answer."""
-        self._context.count(NAME, method)
-        response = await self._http.post(method, content=orjson.dumps({**self._auth, **body}))
+        async with self._slots:
+            self._context.count(NAME, method)
+            response = await self._http.post(method, content=orjson.dumps({**self._auth, **body}))
         if response.status_code != 200:
             raise ReadFailed(f"{method}: HTTP {response.status_code}")
         try:
@@ -167,6 +185,16 @@ class MetaKockaClient(PlatformClient):
     async def read_by_key(self, order_key: str) -> Snapshot | None:
         # The shop's order number is the sales order's buyer_order ("Naročilo kupca").
         return await self._get_document({"buyer_order": order_key})
+
+    async def read_many(self, refs: Sequence[str]) -> dict[str, Snapshot | ReadFailed | None]:
+        """One ``get_document`` per order, all sent at once (the connection limit paces them)."""
+        return await _side_by_side(self.read, refs)
+
+    async def read_many_by_key(
+        self, keys: Sequence[str]
+    ) -> dict[str, Snapshot | ReadFailed | None]:
+        """One ``get_document`` by ``buyer_order`` per key, all sent at once, as ``read_many``."""
+        return await _side_by_side(self.read_by_key, keys)
 
     async def _get_document(self, which: dict[str, str]) -> Snapshot | None:
         try:
@@ -263,6 +291,21 @@ class MetaKockaClient(PlatformClient):
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+async def _side_by_side(
+    read: Callable[[str], Awaitable[Snapshot | None]], items: Sequence[str]
+) -> dict[str, Snapshot | ReadFailed | None]:
+    """``read`` of every item at once; each gets its snapshot, None, or its own failure."""
+
+    async def one(item: str) -> Snapshot | ReadFailed | None:
+        try:
+            return await read(item)
+        except ReadFailed as exc:
+            return exc
+
+    unique = list(dict.fromkeys(items))
+    return dict(zip(unique, await asyncio.gather(*map(one, unique)), strict=True))
 
 
 SPEC = PlatformSpec(

@@ -355,6 +355,14 @@ class ShoptetClient(PlatformClient):
     async def read_by_key(self, order_key: str) -> Snapshot | None:
         return await self.read(order_key)  # the order key is the Shoptet order code
 
+    keys_in_batches = ORDER_CODES_LIMIT
+
+    async def read_many_by_key(
+        self, keys: Sequence[str]
+    ) -> dict[str, Snapshot | ReadFailed | None]:
+        """The order key is the order code: up to 50 a call, as ``read_many``."""
+        return await self.read_many(keys)
+
     async def write(self, request: WriteRequest) -> Outcome:
         assert isinstance(request.options, ShoptetOptions)
         code = request.ref or request.order_key

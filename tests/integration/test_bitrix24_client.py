@@ -75,6 +75,10 @@ class Portal:
         return "sale.order.list" if self.mode == "orders" else "crm.deal.list"
 
     @property
+    def key_field(self) -> str:
+        return "xmlId" if self.mode == "orders" else "ORIGIN_ID"
+
+    @property
     def webhook_url(self) -> str:
         return self.url + self.sim.webhook_path
 
@@ -187,6 +191,19 @@ def fail_reads_of(portal: Portal, refs: set[str]) -> None:
     portal.sim._methods[method] = failing
 
 
+def fail_lists_of(portal: Portal, keys: set[str]) -> None:
+    """Lists whose key filter names one of these keys fail on the portal (also in a batch)."""
+    method = portal.list_method
+    original = portal.sim._methods[method]
+
+    def failing(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        if keys & set((params.get("filter") or {}).get(f"@{portal.key_field}") or []):
+            raise _B24Error(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+        return original(params, ctx)
+
+    portal.sim._methods[method] = failing
+
+
 # -- reads ----------------------------------------------------------------------------------
 
 
@@ -199,11 +216,11 @@ async def test_read_by_ref_and_by_key(portal: Portal) -> None:
         assert await client.read(MISSING) is None
         assert await client.read_by_key("2026000001") == expected
         assert await client.read_by_key("2026999999") is None
-    # By key: one list call filtered on the key field.
+    # By key: one list call filtered on the key field (IN, with the one key).
     lists = portal.calls(portal.list_method)
     assert len(lists) == 2
     key_field = "xmlId" if portal.mode == "orders" else "ORIGIN_ID"
-    assert lists[0].params["filter"][f"={key_field}"] == "2026000001"
+    assert lists[0].params["filter"][f"@{key_field}"] == ["2026000001"]
 
 
 async def test_read_many_is_one_batch_with_found_missing_and_failing_ids(portal: Portal) -> None:
@@ -252,6 +269,97 @@ async def test_read_many_over_50_ids_splits_and_a_failed_batch_fails_only_its_pa
     batches = portal.calls("batch")
     assert [len(c.params["cmd"]) for c in batches] == [50, 10, 50, 10]
     assert portal.sim.throttled_count == 0
+
+
+async def test_read_many_by_key_is_one_batch_of_lists_of_50_keys(portal: Portal) -> None:
+    wanted = [f"K{i:03}" for i in range(120)]
+    missing = set(wanted[::7])
+    if portal.mode == "deals":  # deals of another pipeline with our keys, and older: not ours
+        portal.sim.add_deal("C1:NEW", category_id=1, ORIGIN_ID=wanted[1])
+        portal.sim.add_deal("C1:NEW", category_id=1, ORIGIN_ID=wanted[0])  # a missing key
+    refs = {key: portal.add(key, "paid") for key in wanted if key not in missing}
+    async with connected(portal.settings()) as client:
+        result = await client.read_many_by_key(wanted)
+    assert result == {
+        key: Snapshot("bitrix24", refs[key], key, portal.native("paid")) if key in refs else None
+        for key in wanted
+    }
+    assert portal.sim.calls_by_method == {"batch": 1}
+    assert portal.sim.subcalls_by_method == {portal.list_method: 3}
+    filters = [c.params["filter"] for c in portal.sim.subcalls]
+    assert [f[f"@{portal.key_field}"] for f in filters] == [
+        wanted[:50],
+        wanted[50:100],
+        wanted[100:],
+    ]
+    if portal.mode == "deals":
+        assert [f["CATEGORY_ID"] for f in filters] == ["0"] * 3
+
+
+async def test_read_many_by_key_of_50_keys_or_fewer_is_one_plain_list_call(
+    portal: Portal,
+) -> None:
+    wanted = [f"K{i:02}" for i in range(30)]
+    refs = {key: portal.add(key) for key in wanted[:20]}
+    async with connected(portal.settings()) as client:
+        result = await client.read_many_by_key(wanted)
+    assert result == {
+        key: Snapshot("bitrix24", refs[key], key, portal.native("new")) if key in refs else None
+        for key in wanted
+    }
+    assert portal.sim.calls_by_method == {portal.list_method: 1}
+    [listed] = portal.calls(portal.list_method)
+    assert listed.params["filter"][f"@{portal.key_field}"] == wanted
+
+
+async def test_a_failed_list_command_fails_only_its_own_keys(portal: Portal) -> None:
+    wanted = [f"K{i:03}" for i in range(120)]
+    refs = {key: portal.add(key) for key in wanted}
+    fail_lists_of(portal, {"K077"})  # in the second of the three lists
+    async with connected(portal.settings()) as client:
+        result = await client.read_many_by_key(wanted)
+    failed = [key for key in wanted if isinstance(result[key], ReadFailed)]
+    assert failed == wanted[50:100]
+    assert "INTERNAL_SERVER_ERROR" in str(result["K050"])
+    assert [result[key] for key in wanted[:50] + wanted[100:]] == [
+        Snapshot("bitrix24", refs[key], key, portal.native("new"))
+        for key in wanted[:50] + wanted[100:]
+    ]
+    assert portal.sim.calls_by_method == {"batch": 1}
+
+
+async def test_a_failed_call_fails_every_key_of_that_call_and_no_other(portal: Portal) -> None:
+    wanted = [f"M{i:04}" for i in range(2_490)] + [f"K{i:02}" for i in range(30)]
+    refs = {key: portal.add(key) for key in wanted[-30:]}
+    portal.sim.fail_next(1, 500)  # the first call: the first 2,500 keys
+    async with connected(portal.settings()) as client:
+        result = await client.read_many_by_key(wanted)
+    assert all(isinstance(result[key], ReadFailed) for key in wanted[:2_500])
+    assert [result[key] for key in wanted[2_500:]] == [
+        Snapshot("bitrix24", refs[key], key, portal.native("new")) for key in wanted[2_500:]
+    ]
+    # A batch (refused) and then a plain list of the 20 keys left.
+    assert [(c.method, c.http_status) for c in portal.sim.requests] == [
+        ("batch", 500),
+        (portal.list_method, 200),
+    ]
+
+
+async def test_a_key_on_more_orders_than_a_page_holds_is_followed_to_the_last_page(
+    portal: Portal,
+) -> None:
+    shared = [portal.add("K00") for _ in range(60)]
+    refs = {key: portal.add(key) for key in (f"K{i:02}" for i in range(1, 60))}
+    refs["K00"] = shared[0]  # the oldest order with the key
+    wanted = [f"K{i:02}" for i in range(60)]
+    async with connected(portal.settings()) as client:
+        result = await client.read_many_by_key(wanted)
+    assert result == {
+        key: Snapshot("bitrix24", refs[key], key, portal.native("new")) for key in wanted
+    }
+    # The first list (K00..K49) matches 109 orders: its next pages come as plain list calls.
+    assert portal.sim.calls_by_method == {"batch": 1, portal.list_method: 2}
+    assert [c.params["start"] for c in portal.calls(portal.list_method)] == [50, 100]
 
 
 # -- writes ---------------------------------------------------------------------------------
@@ -306,8 +414,8 @@ async def test_write_many_is_one_batch_and_each_command_has_its_own_outcome(
         portal.native("shipped"),
         portal.native("completed"),
     ]
-    # Two lookups by key, then the four updates in one batch call.
-    assert portal.sim.calls_by_method == {portal.list_method: 2, "batch": 1}
+    # One lookup for both keys, then the four updates in one batch call.
+    assert portal.sim.calls_by_method == {portal.list_method: 1, "batch": 1}
     assert portal.sim.subcalls_by_method == {portal.update_method: 4}
 
 
@@ -317,6 +425,37 @@ async def test_write_many_of_one_sends_it_plainly(portal: Portal) -> None:
         outcomes = await client.write_many([request(portal, "K1", "paid")])
     assert outcomes == [Outcome("done", learned_ref=ref)]
     assert portal.sim.calls_by_method == {portal.list_method: 1, portal.update_method: 1}
+
+
+async def test_write_many_finds_every_id_it_lacks_in_one_look_up(portal: Portal) -> None:
+    refs = [portal.add(f"K{i}") for i in range(5)]
+    requests = [request(portal, f"K{i}", "paid") for i in range(5)]
+    requests.append(request(portal, "K-nobody", "paid"))
+    async with connected(portal.settings()) as client:
+        outcomes = await client.write_many(requests)
+    assert outcomes[:5] == [Outcome("done", learned_ref=ref) for ref in refs]
+    assert outcomes[5].kind == "not_found"
+    assert "K-nobody" in outcomes[5].reason
+    assert [portal.status(r) for r in refs] == [portal.native("paid")] * 5
+    assert portal.sim.calls_by_method == {portal.list_method: 1, "batch": 1}
+    assert portal.sim.subcalls_by_method == {portal.update_method: 5}
+
+
+async def test_a_failed_look_up_leaves_its_writes_to_retry(portal: Portal) -> None:
+    ref1, ref2 = portal.add("K1"), portal.add("K2")
+    fail_lists_of(portal, {"K2"})
+    async with connected(portal.settings()) as client:
+        outcomes = await client.write_many(
+            [request(portal, "K1", "paid", ref1), request(portal, "K2", "paid")]
+        )
+        alone = await client.write(request(portal, "K2", "paid"))
+    assert outcomes[0] == Outcome("done")
+    for outcome in (outcomes[1], alone):
+        assert outcome.kind == "retry"
+        assert "INTERNAL_SERVER_ERROR" in outcome.reason
+    assert portal.status(ref1) == portal.native("paid")
+    assert portal.status(ref2) == portal.native("new")
+    assert len(portal.calls(portal.update_method)) == 1
 
 
 async def test_write_many_over_50_is_split_into_batches_of_50(portal: Portal) -> None:

@@ -13,12 +13,15 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 
 import bridge.delivery as delivery_module
 import bridge.platforms.shoptet as shoptet_module
 from bridge.mapping import StatusMapping
+from bridge.models import Snapshot
+from bridge.platforms.shoptet import ShoptetClient
 from bridge.sandbox.server import serve_in_loop
 from bridge.sandbox.shoptet import RecordedRequest
 from bridge.service import Bridge
@@ -214,6 +217,32 @@ async def test_missing_orders_refused_writes_and_outages_conform(
 
 async def _dead_letters(bridge: Bridge) -> bool:
     return any(p.kind == "delivery_failed" for p in await bridge.store.list_problems())
+
+
+async def test_reads_by_key_go_50_codes_a_call_and_conform(sims: World) -> None:
+    codes = [f"2026000{i:03d}" for i in range(600, 660)]
+    missing = set(codes[::12])  # five codes no order has
+    for code in codes:
+        if code not in missing:
+            sims.shoptet.add_order(code, SHOPTET["paid"])
+    client = ShoptetClient(sims.settings())
+    try:
+        results = await client.read_many_by_key(codes)
+    finally:
+        await client.aclose()
+    assert results == {
+        code: None if code in missing else Snapshot("shoptet", code, code, str(SHOPTET["paid"]))
+        for code in codes
+    }
+    # Two list calls, 50 codes and then 10; no detail call for any order.
+    assert [parse_qs(r.query)["orderCodes"][0].split(",") for r in sims.shoptet.requests] == [
+        codes[:50],
+        codes[50:],
+    ]
+    assert {(r.method, r.path, r.status) for r in sims.shoptet.requests} == {
+        ("GET", "/api/orders", 200)
+    }
+    assert_conforms(sims.shoptet.requests)
 
 
 # --- the check is not vacuous ------------------------------------------------------------------

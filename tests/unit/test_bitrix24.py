@@ -3,12 +3,14 @@ from urllib.parse import parse_qs, urlencode
 import pytest
 
 from bridge.config import Settings
+from bridge.models import Snapshot
 from bridge.platforms.base import WebhookRejected
 from bridge.platforms.bitrix24 import (
     B24Error,
     classify_error,
     command,
     error_of,
+    first_by_key,
     parse_event,
     stage_category,
     update_params,
@@ -134,6 +136,19 @@ def test_batch_commands_use_bracketed_query_keys() -> None:
     assert parse_qs(listing.split("?", 1)[1]) == {
         "select[]": ["id", "statusId"],
         "filter[>=dateUpdate]": ["2026-01-01T00:00:00+00:00"],
+    }
+
+
+def test_each_key_gets_the_first_order_with_exactly_that_key() -> None:
+    def snap(ref: str, key: str | None) -> Snapshot:
+        return Snapshot("bitrix24", ref, key, "N")
+
+    found = [snap("300", "k1"), snap("301", "K1"), snap("302", None), snap("303", "K1")]
+    # "k1" came back for K1 too (a collation that ignores case): only K1 itself counts.
+    assert first_by_key(["K1", "K2", "k1"], found) == {
+        "K1": snap("301", "K1"),
+        "K2": None,
+        "k1": snap("300", "k1"),
     }
 
 
