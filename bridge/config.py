@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     register_webhooks: bool = False
 
     # -- the worker and delivery ------------------------------------------------------------
-    # Orders decided at once; also how many reads can share one batch call.
-    worker_concurrency: int = Field(50, ge=1, le=1000)
+    # Hints in hand at once, per platform; also how many reads or look-ups can share one call
+    # (Bitrix24 finds up to 2,500 orders by key in one).
+    worker_concurrency: int = Field(500, ge=1, le=5000)
     # Longer than the slowest platform call (Shoptet's 80 s timeout), so a slow read is not
     # picked up a second time while it is still running.
     hint_lease_seconds: float = Field(120.0, gt=0)

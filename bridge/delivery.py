@@ -28,8 +28,10 @@ log = logging.getLogger("bridge.delivery")
 CONFLICT_RETRY_SECONDS = 2.0
 # After this many attempts ending in 409 the write is dead-lettered for a person to look at.
 MAX_CONFLICTS = 3
-# How long a write waits for the worker to look at news from its target first.
+# How long a write waits for the worker to look at news from its target first, each time, and
+# at most for one piece of news (counted from when it arrived).
 NEWS_WAIT_SECONDS = 0.2
+NEWS_HOLD_MAX_SECONDS = 30.0
 
 
 class Dispatcher:
@@ -123,17 +125,26 @@ class Dispatcher:
         return len(claimed)
 
     async def _hold_back_for_news(self, claimed: list[Delivery]) -> list[Delivery]:
-        """Postpone writes to orders with unprocessed news from that same platform.
+        """Postpone writes to orders with news from that same platform the worker has not
+        judged yet (a hint that came after the bridge last saw the order there).
 
         Someone may just have changed the order there; the worker decides on that first (it may
-        make this write moot), instead of the write overwriting a change it never saw.
+        make this write moot), instead of the write overwriting a change it never saw. The hold
+        is not an attempt, and it is bounded: news the worker has not judged within
+        ``NEWS_HOLD_MAX_SECONDS`` (a platform it cannot read) holds nothing back any more.
         """
+        if not claimed:
+            return claimed
+        now = self._clock()
+        news = await self._store.orders_with_news(
+            claimed[0].platform,
+            [(d.order_key, d.ref or d.order_key) for d in claimed],
+            since=now - NEWS_HOLD_MAX_SECONDS,
+        )
         ready = []
         for delivery in claimed:
-            ref = delivery.ref or delivery.order_key
-            if await self._store.pending_hints(delivery.platform, ref):
-                now = self._clock()
-                await self._store.retry_delivery(
+            if delivery.order_key in news:
+                await self._store.postpone_delivery(
                     delivery, now + NEWS_WAIT_SECONDS, "news pending", now
                 )
             else:

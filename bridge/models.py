@@ -16,22 +16,42 @@ class NewHint:
     """A hint that an order may have changed on a platform: a webhook or a poll result."""
 
     platform: str
-    ref: str  # the platform's own reference of the order (Shoptet code, MetaKocka mk_id)
-    event: str  # what produced it: "order:update", "poll", ...
+    # The platform's own reference of the order (Shoptet code, MetaKocka mk_id); for a
+    # look-up (``by_key``), the order key to find the order by.
+    ref: str
+    event: str  # what produced it: "order:update", "poll", "lookup", ...
+    # When it arrived; for a poll page, when the page was asked for (it may show the order as
+    # it was at any moment after that).
     received_at: float
     # A status the source already showed us (a poll page). Saves one read; None means "read it".
     observed: str | None = None
+    # The order key the source showed alongside (a poll page), if any: saves a read to learn it.
+    order_key: str | None = None
+    # A look-up: is the order (``ref`` is its order key) on this platform, and in what status?
+    by_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HintRef:
+    """A claimed hint: consuming it with a stale ``seq`` (news merged into it meanwhile) keeps
+    it, to be looked at again."""
+
+    id: int
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
 class HintBatch:
-    """All pending hints for one (platform, ref), claimed together so they cost one read."""
+    """The pending hint of one (platform, ref): every hint for it is merged into one row, so
+    however much news piled up, it costs one read."""
 
     platform: str
     ref: str
-    hint_ids: tuple[int, ...]
-    observed: str | None  # from the newest hint that carried one
-    observed_at: float | None = None  # when that hint was received (a poll page's age)
+    hint: HintRef
+    observed: str | None  # the status shown by the newest news, if it showed one
+    observed_at: float | None = None  # when that news was received (a poll page's age)
+    order_key: str | None = None  # the order key the source showed alongside, if any
+    by_key: bool = False  # a look-up by order key (``ref`` is the key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +140,10 @@ class Observation:
     under us: ``expected_version`` no longer matches) nothing is and the worker decides again.
     """
 
-    hint_ids: tuple[int, ...]
+    hints: tuple[HintRef, ...]
     platform: str
-    ref: str
+    # The source's reference; None when the order was not found there (a look-up that missed).
+    ref: str | None
     observed_at: float
     order_key: str | None = None  # None: the order could not be identified; only audit/problems
     native_status: str | None = None
@@ -135,6 +156,8 @@ class Observation:
     supersede: tuple[str, ...] = ()
     audit: tuple[AuditEntry, ...] = ()
     problems: tuple[Problem, ...] = ()
+    # Hints stored with the verdict (look-ups of the order on platforms not seen yet).
+    follow_up: tuple[NewHint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,8 +31,18 @@ class Verdict:
         return self.kind == "advance"
 
 
-def decide(mapping: StatusMapping, source: str, native: str, order: OrderState | None) -> Verdict:
+def decide(
+    mapping: StatusMapping,
+    source: str,
+    native: str,
+    order: OrderState | None,
+    unknown: frozenset[str] = frozenset(),
+) -> Verdict:
     """Decide what a platform's current status means for the order.
+
+    ``unknown``: platforms whose current status the bridge does not know yet (the order was
+    never seen there and is being looked up). They get no write: never write blind. When their
+    status is known, it is decided on like any other (a first sighting, see catch_up).
 
     * unmapped: the mapping has no canonical status for it; nothing moves, an operator is told;
     * echo: the source shows what the bridge itself wrote there — nothing to do;
@@ -47,7 +57,10 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
     * behind: the source shows a lower status while a write to it is still pending: it simply
       has not received that write yet; nothing changes;
     * catch_up: the source shows a lower status but had never been seen with this order (an
-      order just imported there): it is behind, not moving back, so it gets the agreed status.
+      order just imported there, or just looked up): it is behind, not moving back, so it gets
+      the agreed status, whatever backward rules say (a first sighting is not a move). An
+      equally ranked first sighting catches up too, unless its platform has more authority
+      than every platform that shows the agreed status.
     """
     canonical = mapping.canonical_for(source, native)
     if canonical is None:
@@ -62,7 +75,9 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
             key=lambda p: (mapping.rank(candidates[p]), -mapping.authority_index(p)),
         )
         agreed = candidates[winner]
-        writes, already = _writes(mapping, agreed, {**known, source: canonical}, exclude=None)
+        writes, already = _writes(
+            mapping, agreed, {**known, source: canonical}, exclude=None, unknown=unknown
+        )
         via = f" (shown by {winner})" if winner != source else ""
         return Verdict(
             "advance", canonical, agreed, writes, already, f"first agreement on {agreed!r}{via}"
@@ -84,19 +99,26 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
         # not a move backwards — not even one a backward rule would allow.
         return Verdict("behind", canonical, agreed, reason=f"{source} is still to get {pending!r}")
 
-    if mapping.rank(canonical) < mapping.rank(agreed) and not mapping.allows_backward(
-        agreed, canonical
+    mine = order.platforms.get(source) if order else None
+    first_sighting = mine is None or mine.last_seen is None
+    lower = mapping.rank(canonical) < mapping.rank(agreed)
+    if first_sighting and (
+        lower
+        or (
+            mapping.rank(canonical) == mapping.rank(agreed)
+            and not _outranks(mapping, source, agreed, known)
+        )
     ):
-        mine = order.platforms.get(source) if order else None
-        if mine is None or mine.last_seen is None:
-            target = mapping.target_for(source, agreed)
-            return Verdict(
-                "catch_up",
-                canonical,
-                agreed,
-                (DesiredWrite(source, agreed, target.native),),
-                reason=f"{source} first seen at {canonical!r}, behind the agreed {agreed!r}",
-            )
+        target = mapping.target_for(source, agreed)
+        return Verdict(
+            "catch_up",
+            canonical,
+            agreed,
+            (DesiredWrite(source, agreed, target.native),),
+            reason=f"{source} first seen at {canonical!r}, behind the agreed {agreed!r}",
+        )
+
+    if lower and not mapping.allows_backward(agreed, canonical):
         return Verdict(
             "regress",
             canonical,
@@ -104,7 +126,9 @@ def decide(mapping: StatusMapping, source: str, native: str, order: OrderState |
             reason=f"{canonical!r} ranks below the agreed {agreed!r}; no backward rule allows it",
         )
 
-    writes, already = _writes(mapping, canonical, {**known, source: canonical}, exclude=source)
+    writes, already = _writes(
+        mapping, canonical, {**known, source: canonical}, exclude=source, unknown=unknown
+    )
     return Verdict(
         "advance", canonical, canonical, writes, already, f"from {agreed!r} to {canonical!r}"
     )
@@ -124,12 +148,26 @@ def _known_canonicals(
     return known
 
 
+def _outranks(mapping: StatusMapping, source: str, agreed: str, known: Mapping[str, str]) -> bool:
+    """Has ``source`` more authority than every platform known to show ``agreed``?"""
+    showing = [p for p, canonical in known.items() if canonical == agreed]
+    mine = mapping.authority_index(source)
+    return all(mine < mapping.authority_index(p) for p in showing)
+
+
 def _writes(
-    mapping: StatusMapping, agreed: str, showing: dict[str, str], exclude: str | None
+    mapping: StatusMapping,
+    agreed: str,
+    showing: dict[str, str],
+    exclude: str | None,
+    unknown: frozenset[str] = frozenset(),
 ) -> tuple[tuple[DesiredWrite, ...], tuple[str, ...]]:
-    """Writes for every platform not showing ``agreed``; and the platforms that already do."""
+    """Writes for every platform not showing ``agreed`` (and not ``unknown``: its status is not
+    known, so it is not written blind); and the platforms that already show it."""
     writes, already = [], []
     for platform in sorted(mapping.platforms):
+        if platform in unknown:
+            continue
         if platform == exclude or showing.get(platform) == agreed:
             already.append(platform)  # a write would only repeat its side effects
             continue

@@ -2,8 +2,9 @@
 
 MetaKocka sends no order webhooks, so polling is how the bridge sees changes made there. Each
 cycle asks for orders changed since the stored watermark minus an overlap (events and clocks
-lag, and offset paging over a moving set can skip rows), stores every result as a hint, and
-only then moves the watermark to the cycle's start. A crash mid-cycle repeats the window; the
+lag, and offset paging over a moving set can skip rows), stores a hint for every order that
+shows something else than the bridge last saw there, and only then moves the watermark to the
+cycle's start. A crash mid-cycle repeats the window; the
 hints it repeats are harmless.
 
 APScheduler is only the timer: every bit of state lives in the store.
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 
 from bridge.inbox import Inbox
 from bridge.metrics import Metrics
+from bridge.models import NewHint
 from bridge.platforms.base import PlatformClient, ReadFailed
 from bridge.store.base import Store
 
@@ -55,6 +57,13 @@ class Poller:
     def platform(self) -> str:
         return self._client.name
 
+    async def _news(self, page: list[NewHint]) -> list[NewHint]:
+        """The page's orders that show something else than the bridge last saw there. The
+        overlap shows most orders again, unchanged: they cost nothing (no hint, no read)."""
+        shown = [hint.ref for hint in page if hint.observed is not None]
+        seen = await self._store.seen_statuses(self.platform, shown) if shown else {}
+        return [h for h in page if h.observed is None or seen.get(h.ref) != h.observed]
+
     async def poll(self) -> int:
         """One cycle; returns how many hints it stored. Never raises (a timer calls it)."""
         name = watermark_name(self.platform)
@@ -67,9 +76,10 @@ class Poller:
             ) - self._overlap
             found = 0
             async for page in self._client.changes_since(iso(since_ts), iso(started)):
-                if page:
-                    await self._inbox.add(page)
-                    found += len(page)
+                news = await self._news(page)
+                if news:
+                    await self._inbox.add(news)
+                    found += len(news)
             await self._store.set_watermark(name, iso(started))
         except ReadFailed as exc:
             self._metrics.polls.labels(self.platform, "failed").inc()

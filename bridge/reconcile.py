@@ -148,7 +148,7 @@ async def _repair(
     }
     committed = await store.commit_observation(
         Observation(
-            hint_ids=(),
+            hints=(),
             platform=source,
             ref=ref,
             observed_at=now,

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 
+import orjson
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -32,6 +33,12 @@ from bridge.worker import Worker
 log = logging.getLogger("bridge")
 
 SWEEP_VALUE = "sweep:last"  # when the last scheduled sweep ran (ISO time)
+# How often the rate limits' levels are saved, for a restart to start from (see _keep_buckets).
+BUCKET_SAVE_SECONDS = 1.0
+
+
+def bucket_value(platform: str) -> str:
+    return f"ratelimit:{platform}"
 
 
 def client_context(
@@ -177,8 +184,56 @@ class Bridge:
             log.info("Shoptet signature key reloaded from the store (it was renewed)")
         return changed
 
+    async def _restore_buckets(self) -> None:
+        """Start each rate limit from the level the last process saved: after a restart, the
+        platform's bucket may still be full of our own requests."""
+        for platform, client in self.clients.items():
+            bucket = client.bucket
+            if bucket is None:
+                continue
+            try:
+                saved = await self.store.get_watermark(bucket_value(platform))
+                if not saved:
+                    continue
+                state = orjson.loads(saved)
+                level, at = float(state["level"]), float(state["at"])
+            except Exception:  # nothing saved, or unreadable: the probe finds out
+                continue
+            # What may have gone out after the last save: a save interval's worth, plus one.
+            margin = bucket.rate * BUCKET_SAVE_SECONDS + 1
+            bucket.restore(level + margin, time.time() - at)
+            log.info(
+                "%s: rate limit restored at %.0f of %d", platform, bucket.level(), bucket.burst
+            )
+
+    async def _save_buckets(self, last: dict[str, float]) -> None:
+        for platform, client in self.clients.items():
+            bucket = client.bucket
+            if bucket is None:
+                continue
+            level = round(bucket.level(), 1)
+            if last.get(platform) == level:
+                continue
+            value = orjson.dumps({"level": level, "at": time.time()}).decode()
+            await self.store.set_watermark(bucket_value(platform), value)
+            last[platform] = level
+
+    async def _keep_buckets(self) -> None:
+        last: dict[str, float] = {}
+        try:
+            while True:
+                await asyncio.sleep(BUCKET_SAVE_SECONDS)
+                try:
+                    await self._save_buckets(last)
+                except Exception as exc:  # the next save tries again
+                    log.debug("saving the rate limits failed: %r", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._save_buckets(last))
+
     async def start(self) -> None:
         await self.store.open()
+        await self._restore_buckets()
         if "shoptet" in self.specs and await self._load_webhook_key():
             log.info(
                 "Shoptet: verifying webhooks with the key stored by `bridge shoptet-renew-key` "
@@ -196,6 +251,7 @@ class Bridge:
         )
         self._tasks.append(self.subscriptions_checked)
         self._tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
+        self._tasks.append(asyncio.create_task(self._keep_buckets(), name="rate-limits"))
         for platform in self.platforms:
             self._tasks.append(
                 asyncio.create_task(self.dispatcher.run(platform), name=f"delivery:{platform}")

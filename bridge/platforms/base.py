@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from bridge.models import NewHint, Snapshot
+from bridge.ratelimit import LeakyBucket
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -105,6 +106,9 @@ class PlatformClient(ABC):
     """Reads and writes one platform's order statuses over HTTP."""
 
     name: ClassVar[str]
+    # The client's copy of the platform's rate limit, if it has one; the bridge saves its
+    # level now and then, so a restarted bridge knows how full the platform's bucket may be.
+    bucket: LeakyBucket | None = None
 
     @abstractmethod
     async def read(self, ref: str) -> Snapshot | None:

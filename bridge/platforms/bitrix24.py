@@ -319,7 +319,11 @@ class Bitrix24Client(PlatformClient):
             transport=transport,
         )
         # One bucket for everything that talks to the portal: worker, delivery, poller.
-        self.bucket = LeakyBucket(settings.bitrix24_rate_per_second, settings.bitrix24_burst)
+        # Until the portal first answers, one request at a time: should its bucket be full
+        # (someone else uses it, or a bridge restarted), one request is refused, not fifty.
+        self.bucket: LeakyBucket = LeakyBucket(
+            settings.bitrix24_rate_per_second, settings.bitrix24_burst, probe=True
+        )
         self._refresh_lock = asyncio.Lock()
         self._operating_until: dict[str, float] = {}  # method -> refused until (unix time)
         self._reset_at: dict[str, float] = {}  # method -> its time budget's next reset
@@ -341,15 +345,19 @@ class Bitrix24Client(PlatformClient):
                 raise B24Error("OPERATION_TIME_LIMIT", "method time budget used up", 429, blocked)
             await self.bucket.acquire()
             body = dict(params or {})
-            if self._oauth is not None:
-                await self._load_tokens()
-                body["auth"] = self._oauth["access_token"]
             try:
+                if self._oauth is not None:
+                    await self._load_tokens()
+                    body["auth"] = self._oauth["access_token"]
                 self.calls += 1
                 self._context.count(NAME, method)
                 response = await self._http.post(self._base + method, content=orjson.dumps(body))
-            except httpx.HTTPError as exc:
-                raise ReadFailed(f"{method}: {exc!r}") from exc
+            except BaseException as exc:
+                self.bucket.answered(heard=False)
+                if isinstance(exc, httpx.HTTPError):
+                    raise ReadFailed(f"{method}: {exc!r}") from exc
+                raise
+            self.bucket.answered()
             try:
                 answer = orjson.loads(response.content)
             except orjson.JSONDecodeError:
@@ -639,7 +647,10 @@ class Bitrix24Client(PlatformClient):
             filters[f">={modified}"] = since
         asked = time.time()
         async for page in self._list(filters):
-            yield [NewHint(NAME, s.ref, "poll", asked, s.native_status or None) for s in page]
+            yield [
+                NewHint(NAME, s.ref, "poll", asked, s.native_status or None, s.order_key)
+                for s in page
+            ]
             asked = time.time()
 
     # -- writes ---------------------------------------------------------------------------

@@ -280,6 +280,7 @@ class MetaKockaClient(PlatformClient):
                     "poll",
                     asked,
                     str(d["status_desc"]) if d.get("status_desc") else None,
+                    str(d["buyer_order"]) if d.get("buyer_order") else None,
                 )
                 for d in docs
                 if d.get("mk_id")

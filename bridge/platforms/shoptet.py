@@ -257,17 +257,19 @@ class ShoptetClient(PlatformClient):
         # 3 concurrent connections per token, shared by reads, writes and polls.
         self._slots = asyncio.Semaphore(settings.shoptet_max_connections)
         # Our copy of the token's leaky bucket, corrected by every X-RateLimit-Bucket-Filling.
-        self.bucket = LeakyBucket(
-            settings.shoptet_bucket_drain_per_second, settings.shoptet_bucket_capacity
+        # Until the first answer tells how full it is, one request at a time.
+        self.bucket: LeakyBucket = LeakyBucket(
+            settings.shoptet_bucket_drain_per_second, settings.shoptet_bucket_capacity, probe=True
         )
         self._paused_until = 0.0
 
     async def _request(self, method: str, path: str, label: str, **kwargs: Any) -> httpx.Response:
-        async with self._slots:
-            wait = self._paused_until - time.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            await self.bucket.acquire()
+        wait = self._paused_until - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        # The bucket first: a request waiting for its turn (a low-priority read behind writes)
+        # must not hold one of the token's three connections meanwhile.
+        async with self.bucket.slot(), self._slots:
             self._context.count(NAME, label)
             response = await self._http.request(method, path, **kwargs)
             filling = bucket_filling(response.headers.get("x-ratelimit-bucket-filling"))
@@ -349,7 +351,10 @@ class ShoptetClient(PlatformClient):
             params["changeTimeFrom"] = shoptet_time(since)
         asked = time.time()
         async for page in self._list(params):
-            yield [NewHint(NAME, s.ref, "poll", asked, s.native_status or None) for s in page]
+            yield [
+                NewHint(NAME, s.ref, "poll", asked, s.native_status or None, s.order_key)
+                for s in page
+            ]
             asked = time.time()
 
     async def read_by_key(self, order_key: str) -> Snapshot | None:

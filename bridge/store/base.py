@@ -11,12 +11,13 @@ and makes it testable with a fake clock.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from bridge.models import (
     AuditEntry,
     Delivery,
     HintBatch,
+    HintRef,
     NewHint,
     Observation,
     OrderState,
@@ -40,23 +41,44 @@ class Store(ABC):
     # -- inbox: hints -----------------------------------------------------------------------
     @abstractmethod
     async def add_hints(self, hints: Sequence[NewHint]) -> None:
-        """Store hints durably, all in one transaction. Raises StoreUnavailable on failure."""
+        """Store hints durably, all in one transaction. Raises StoreUnavailable on failure.
 
-    @abstractmethod
-    async def claim_hints(self, limit: int, now: float, lease_seconds: float) -> list[HintBatch]:
-        """Lease up to ``limit`` (platform, ref) groups of pending hints, oldest first.
-
-        A group holds every pending hint of that (platform, ref) that is not leased by someone
-        else. Leased hints become claimable again when the lease runs out (the worker died).
+        There is one pending hint per (platform, ref, by_key): news for an order that already
+        has one is merged into it (its ``seq`` goes up; the newest news decides ``observed``,
+        so a webhook after a poll page means "read it"; a known order key is kept). However
+        often an order is hinted before the worker gets to it, it costs one read.
         """
 
     @abstractmethod
-    async def release_hints(self, hint_ids: Sequence[int], retry_at: float) -> None:
+    async def claim_hints(
+        self, limits: Mapping[str, int], now: float, lease_seconds: float
+    ) -> list[HintBatch]:
+        """Lease up to ``limits[platform]`` due hints of each platform, the longest due first.
+
+        A claimed hint is not due again until its lease runs out (the worker died) or it is
+        released. Costs the same however many hints are pending.
+        """
+
+    @abstractmethod
+    async def release_hints(self, hints: Sequence[HintRef], retry_at: float) -> None:
         """Give leased hints back, to be claimed again no earlier than ``retry_at``."""
 
     @abstractmethod
     async def pending_hints(self, platform: str | None = None, ref: str | None = None) -> int:
         """How many hints are stored and not yet consumed (for one order, if given)."""
+
+    @abstractmethod
+    async def orders_with_news(
+        self, platform: str, targets: Sequence[tuple[str, str]], since: float
+    ) -> set[str]:
+        """Of ``targets`` ((order key, ref) on ``platform``), the order keys with a pending hint
+        (not a look-up) received after ``since`` and after the bridge last saw the order there:
+        news the worker has not judged yet."""
+
+    @abstractmethod
+    async def seen_statuses(self, platform: str, refs: Sequence[str]) -> dict[str, str]:
+        """The status the bridge last saw for each of ``refs`` on ``platform`` (refs it never
+        saw are left out)."""
 
     # -- orders -----------------------------------------------------------------------------
     @abstractmethod
@@ -79,6 +101,9 @@ class Store(ABC):
 
         Returns False, changing nothing, when the order's version is no longer
         ``observation.expected_version`` (another worker got there first).
+
+        A consumed hint whose ``seq`` moved on (news merged into it meanwhile) is kept and
+        due at once. ``follow_up`` hints are added as ``add_hints`` does.
 
         For each desired write: if the target has no pending row, or a pending row for another
         native status, the row becomes pending for the new status with attempts reset, the
@@ -115,6 +140,13 @@ class Store(ABC):
         If the row's version changed meanwhile, only the lease is cleared (the newer desire is
         due at once).
         """
+
+    @abstractmethod
+    async def postpone_delivery(
+        self, delivery: Delivery, next_try_at: float, reason: str, now: float
+    ) -> None:
+        """Hold the write back without counting an attempt (it was not tried), e.g. while the
+        worker looks at news from its target first. Versions as for ``retry_delivery``."""
 
     @abstractmethod
     async def fail_delivery(self, delivery: Delivery, reason: str, now: float) -> None:

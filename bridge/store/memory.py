@@ -7,7 +7,7 @@ audit details) before it changes anything, so a failing call changes nothing eit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from bridge.models import (
     AuditEntry,
     Delivery,
     HintBatch,
+    HintRef,
     NewHint,
     Observation,
     OrderState,
@@ -31,11 +32,13 @@ __all__ = ["MemoryStore"]
 
 @dataclass(slots=True)
 class _Hint:
-    platform: str
-    ref: str
+    id: int
+    received_at: float  # the newest news merged in
     observed: str | None
-    received_at: float
-    claimed_until: float | None = None
+    observed_at: float | None
+    order_key: str | None
+    due_at: float  # claimable from; while leased, the lease's end
+    seq: int = 1
 
 
 @dataclass(slots=True)
@@ -67,7 +70,7 @@ def _copy_detail(detail: dict[str, Any]) -> bytes:
 
 class MemoryStore(Store):
     def __init__(self) -> None:
-        self._hints: dict[int, _Hint] = {}
+        self._hints: dict[tuple[str, str, bool], _Hint] = {}  # (platform, ref, by_key)
         self._next_hint_id = 1
         self._orders: dict[str, _Order] = {}
         self._links: dict[tuple[str, str], str] = {}  # (platform, ref) -> order_key
@@ -86,44 +89,97 @@ class MemoryStore(Store):
     # -- inbox ------------------------------------------------------------------------------
     async def add_hints(self, hints: Sequence[NewHint]) -> None:
         for hint in hints:
-            self._hints[self._next_hint_id] = _Hint(
-                hint.platform, hint.ref, hint.observed, hint.received_at
+            self._add_hint(hint)
+
+    def _add_hint(self, hint: NewHint) -> None:
+        key = (hint.platform, hint.ref, hint.by_key)
+        observed_at = hint.received_at if hint.observed is not None else None
+        row = self._hints.get(key)
+        if row is None:
+            self._hints[key] = _Hint(
+                self._next_hint_id,
+                hint.received_at,
+                hint.observed,
+                observed_at,
+                hint.order_key,
+                hint.received_at,
             )
             self._next_hint_id += 1
+            return
+        if not hint.by_key:  # a look-up asks the same question however often it is asked
+            row.seq += 1
+        if hint.received_at >= row.received_at:
+            row.observed, row.observed_at = hint.observed, observed_at
+            row.received_at = hint.received_at
+        if hint.order_key is not None:
+            row.order_key = hint.order_key
 
-    async def claim_hints(self, limit: int, now: float, lease_seconds: float) -> list[HintBatch]:
-        groups: dict[tuple[str, str], list[int]] = {}
-        busy: set[tuple[str, str]] = set()
-        for hint_id, hint in self._hints.items():  # ascending ids: insertion order
-            key = (hint.platform, hint.ref)
-            groups.setdefault(key, []).append(hint_id)
-            if hint.claimed_until is not None and hint.claimed_until > now:
-                busy.add(key)
+    async def claim_hints(
+        self, limits: Mapping[str, int], now: float, lease_seconds: float
+    ) -> list[HintBatch]:
         batches: list[HintBatch] = []
-        until = now + lease_seconds
-        for key, ids in groups.items():  # ordered by each group's first id
-            if len(batches) >= limit:
-                break
-            if key in busy:
-                continue
-            observed, observed_at = None, None
-            for hint_id in ids:
-                hint = self._hints[hint_id]
-                hint.claimed_until = until
-                if hint.observed is not None:
-                    observed, observed_at = hint.observed, hint.received_at
-            batches.append(HintBatch(key[0], key[1], tuple(ids), observed, observed_at))
+        for platform, limit in limits.items():
+            due = sorted(
+                (row.due_at, row.id, key)
+                for key, row in self._hints.items()
+                if key[0] == platform and row.due_at <= now
+            )
+            for _, _, key in due[: max(limit, 0)]:
+                row = self._hints[key]
+                row.due_at = now + lease_seconds
+                batches.append(
+                    HintBatch(
+                        platform,
+                        key[1],
+                        HintRef(row.id, row.seq),
+                        row.observed,
+                        row.observed_at,
+                        row.order_key,
+                        key[2],
+                    )
+                )
         return batches
 
-    async def release_hints(self, hint_ids: Sequence[int], retry_at: float) -> None:
-        for hint_id in hint_ids:
-            if hint_id in self._hints:
-                self._hints[hint_id].claimed_until = retry_at
+    def _hint_by_id(self, hint_id: int) -> tuple[tuple[str, str, bool], _Hint] | None:
+        for key, row in self._hints.items():
+            if row.id == hint_id:
+                return key, row
+        return None
+
+    async def release_hints(self, hints: Sequence[HintRef], retry_at: float) -> None:
+        for hint in hints:
+            found = self._hint_by_id(hint.id)
+            if found is not None:
+                found[1].due_at = retry_at
 
     async def pending_hints(self, platform: str | None = None, ref: str | None = None) -> int:
         if platform is None or ref is None:
             return len(self._hints)
-        return sum(1 for h in self._hints.values() if h.platform == platform and h.ref == ref)
+        return sum(1 for key in self._hints if key[0] == platform and key[1] == ref)
+
+    async def orders_with_news(
+        self, platform: str, targets: Sequence[tuple[str, str]], since: float
+    ) -> set[str]:
+        news = set()
+        for order_key, ref in targets:
+            row = self._hints.get((platform, ref, False))
+            if row is None:
+                continue
+            order = self._orders.get(order_key)
+            state = order.platforms.get(platform) if order else None
+            seen_at = state.last_seen_at if state and state.last_seen_at is not None else -1.0
+            if row.received_at > max(seen_at, since):
+                news.add(order_key)
+        return news
+
+    async def seen_statuses(self, platform: str, refs: Sequence[str]) -> dict[str, str]:
+        seen = {}
+        for ref in refs:
+            order_key = self._links.get((platform, ref))
+            state = self._orders[order_key].platforms.get(platform) if order_key else None
+            if state is not None and state.last_seen is not None:
+                seen[ref] = state.last_seen
+        return seen
 
     # -- orders -----------------------------------------------------------------------------
     async def find_order_key(self, platform: str, ref: str) -> str | None:
@@ -171,7 +227,7 @@ class MemoryStore(Store):
                 order.canonical = obs.new_canonical
             order.version += 1
 
-            seen = [(obs.platform, obs.ref, obs.native_status)]
+            seen = [] if obs.ref is None else [(obs.platform, obs.ref, obs.native_status)]
             seen += [(s.platform, s.ref, s.native_status) for s in obs.sightings]
             for platform, ref, native in seen:
                 self._link(key, platform, ref)
@@ -208,8 +264,16 @@ class MemoryStore(Store):
         self._record_audit(audit)
         for problem in obs.problems:
             self._record_problem(problem, obs.observed_at)
-        for hint_id in obs.hint_ids:
-            self._hints.pop(hint_id, None)
+        for hint in obs.hints:
+            found = self._hint_by_id(hint.id)
+            if found is None:
+                continue
+            if found[1].seq == hint.seq:
+                del self._hints[found[0]]
+            else:  # news merged in while it was judged: look again
+                found[1].due_at = obs.observed_at
+        for follow_up in obs.follow_up:
+            self._add_hint(follow_up)
         return True
 
     # -- outbox -----------------------------------------------------------------------------
@@ -274,6 +338,18 @@ class MemoryStore(Store):
             row.attempts += 1
             row.next_try_at = next_try_at
             row.last_error = error
+            row.updated_at = now
+
+    async def postpone_delivery(
+        self, delivery: Delivery, next_try_at: float, reason: str, now: float
+    ) -> None:
+        row = self._rows.get((delivery.order_key, delivery.platform))
+        if row is None:
+            return
+        row.lease_until = None
+        if row.version == delivery.version:
+            row.next_try_at = next_try_at
+            row.last_error = reason
             row.updated_at = now
 
     async def fail_delivery(self, delivery: Delivery, reason: str, now: float) -> None:

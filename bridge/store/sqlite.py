@@ -19,7 +19,7 @@ import queue
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from functools import cache
 from importlib import resources
@@ -33,6 +33,7 @@ from bridge.models import (
     AuditEntry,
     Delivery,
     HintBatch,
+    HintRef,
     NewHint,
     Observation,
     OrderState,
@@ -54,29 +55,51 @@ class SchemaTooNew(RuntimeError):
 
 # -- statements ------------------------------------------------------------------------------
 
-_INSERT_HINT = (
-    "INSERT INTO hints (platform, ref, event, received_at, observed) VALUES (?, ?, ?, ?, ?)"
-)
-
-# A group is claimable only when none of its hints is under a live lease: someone is working
-# on that order right now, and a second worker would read and decide it in parallel.
-_CLAIM_HINTS = """
-WITH chosen AS (
-    SELECT platform, ref FROM hints
-    GROUP BY platform, ref
-    HAVING max(claimed_until) IS NULL OR max(claimed_until) <= :now
-    ORDER BY min(id)
-    LIMIT :limit
-)
-UPDATE hints SET claimed_until = :until
-WHERE (platform, ref) IN (SELECT platform, ref FROM chosen)
-RETURNING id, platform, ref, observed, received_at
+# One pending hint per (platform, ref, by_key): news for it is merged in. The newest news
+# decides what was observed (a webhook, which shows no status, means "read it"); in DO UPDATE,
+# bare column names are the stored row's values.
+_ADD_HINT = """
+INSERT INTO hints (platform, ref, by_key, event, received_at, observed, observed_at, order_key,
+                   due_at)
+VALUES (:platform, :ref, :by_key, :event, :at, :observed, :observed_at, :order_key, :at)
+ON CONFLICT (platform, ref, by_key) DO UPDATE SET
+    -- A look-up asks the same question however often it is asked: no news, no second look.
+    seq = seq + 1 - excluded.by_key,
+    event = excluded.event,
+    observed = CASE WHEN excluded.received_at >= received_at
+                    THEN excluded.observed ELSE observed END,
+    observed_at = CASE WHEN excluded.received_at >= received_at
+                       THEN excluded.observed_at ELSE observed_at END,
+    received_at = max(received_at, excluded.received_at),
+    order_key = coalesce(excluded.order_key, order_key)
 """
 
-_RELEASE_HINT = "UPDATE hints SET claimed_until = ? WHERE id = ?"
-_DELETE_HINT = "DELETE FROM hints WHERE id = ?"
+# Through the (platform, due_at) index: the cost is the rows taken, not the rows waiting.
+_CLAIM_HINTS = """
+UPDATE hints SET due_at = :until
+WHERE id IN (
+    SELECT id FROM hints WHERE platform = :platform AND due_at <= :now
+    ORDER BY due_at, id LIMIT :limit
+)
+RETURNING id, seq, ref, by_key, observed, observed_at, order_key
+"""
+
+_RELEASE_HINT = "UPDATE hints SET due_at = ? WHERE id = ?"
+_CONSUME_HINT = "DELETE FROM hints WHERE id = :id AND seq = :seq"
+# News merged into the hint while it was judged: it is due again at once.
+_REARM_HINT = "UPDATE hints SET due_at = :now WHERE id = :id"
 _COUNT_HINTS = "SELECT count(*) FROM hints"
 _COUNT_ORDER_HINTS = "SELECT count(*) FROM hints WHERE platform = ? AND ref = ?"
+_NEWS_FOR = """
+SELECT 1 FROM hints
+WHERE platform = :platform AND ref = :ref AND by_key = 0
+  AND received_at > :since
+  AND received_at > coalesce((SELECT last_seen_at FROM platform_states
+                              WHERE order_key = :key AND platform = :platform), -1)
+"""
+_SEEN_STATUS = (
+    "SELECT last_seen FROM platform_states WHERE platform = ? AND ref = ? AND last_seen IS NOT NULL"
+)
 
 _FIND_ORDER_KEY = "SELECT order_key FROM platform_states WHERE platform = ? AND ref = ?"
 _SELECT_ORDER = "SELECT canonical, version FROM orders WHERE order_key = ?"
@@ -184,6 +207,11 @@ WHERE order_key = :key AND platform = :platform AND version = :version
 _RETRY = """
 UPDATE deliveries SET attempts = attempts + 1, next_try_at = :next_try_at, last_error = :error,
                       lease_until = NULL, updated_at = :now
+WHERE order_key = :key AND platform = :platform AND version = :version
+"""
+_POSTPONE = """
+UPDATE deliveries SET next_try_at = :next_try_at, last_error = :error, lease_until = NULL,
+                      updated_at = :now
 WHERE order_key = :key AND platform = :platform AND version = :version
 """
 _FAIL = """
@@ -425,41 +453,64 @@ class SQLiteStore(Store):
 
     # -- inbox ------------------------------------------------------------------------------
     async def add_hints(self, hints: Sequence[NewHint]) -> None:
-        rows = [(h.platform, h.ref, h.event, h.received_at, h.observed) for h in hints]
+        rows = _hint_rows(hints)
         try:
             await self._urgent(self._add_hints, rows)
         except sqlite3.Error as exc:
             # Whatever went wrong, the webhook must hear 503, never 200-and-drop.
             raise self._unavailable(exc) from exc
 
-    def _add_hints(self, rows: list[tuple[str, str, str, float, str | None]]) -> None:
+    def _add_hints(self, rows: list[dict[str, Any]]) -> None:
         conn = self._begin()
         try:
-            conn.executemany(_INSERT_HINT, rows)
+            conn.executemany(_ADD_HINT, rows)
             conn.execute("COMMIT")
         except BaseException:
             self._rollback(conn)
             raise
 
-    async def claim_hints(self, limit: int, now: float, lease_seconds: float) -> list[HintBatch]:
-        if limit <= 0:
+    async def claim_hints(
+        self, limits: Mapping[str, int], now: float, lease_seconds: float
+    ) -> list[HintBatch]:
+        wanted = {platform: n for platform, n in limits.items() if n > 0}
+        if not wanted:
             return []
-        params = {"now": now, "limit": limit, "until": now + lease_seconds}
-        rows = await self._call(self._lease, _CLAIM_HINTS, params)
-        groups: dict[tuple[str, str], list[tuple[int, str | None, float]]] = {}
-        for hint_id, platform, ref, observed, received_at in rows:
-            groups.setdefault((platform, ref), []).append((hint_id, observed, received_at))
-        batches: list[HintBatch] = []
-        for (platform, ref), hints in groups.items():
-            hints.sort()
-            observed, observed_at = None, None
-            for _, seen, at in hints:
-                if seen is not None:
-                    observed, observed_at = seen, float(at)
-            ids = tuple(i for i, _, _ in hints)
-            batches.append(HintBatch(platform, ref, ids, observed, observed_at))
-        batches.sort(key=lambda batch: batch.hint_ids[0])
+        rows = await self._call(self._claim_hints, wanted, now, now + lease_seconds)
+        batches = [
+            HintBatch(
+                platform,
+                ref,
+                HintRef(hint_id, seq),
+                observed,
+                None if observed_at is None else float(observed_at),
+                order_key,
+                bool(by_key),
+            )
+            for platform, (hint_id, seq, ref, by_key, observed, observed_at, order_key) in rows
+        ]
+        batches.sort(key=lambda batch: batch.hint.id)
         return batches
+
+    def _claim_hints(
+        self, limits: dict[str, int], now: float, until: float
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """Every platform's claim in one transaction, without the fsync (see ``_lease``)."""
+
+        def claim() -> list[tuple[str, tuple[Any, ...]]]:
+            conn = self._begin()
+            try:
+                claimed = []
+                for platform, limit in limits.items():
+                    params = {"platform": platform, "now": now, "until": until, "limit": limit}
+                    rows = conn.execute(_CLAIM_HINTS, params)
+                    claimed += [(platform, tuple(row)) for row in rows]
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+            return claimed
+
+        return self._without_fsync(claim)
 
     def _write(self, sql: str, params: dict[str, Any]) -> list[Any]:
         """One statement in its own write transaction, returning its rows (RETURNING)."""
@@ -473,18 +524,22 @@ class SQLiteStore(Store):
         return rows
 
     def _lease(self, sql: str, params: dict[str, Any]) -> list[Any]:
-        """A claim: ``_write`` without the fsync. It only takes a lease, and a lease lost to a
-        power cut costs nothing (the work is claimed again), so its commit need not wait for
-        the disk; the next durable commit syncs it along."""
+        """A claim: ``_write`` without the fsync (see ``_without_fsync``)."""
+        return self._without_fsync(lambda: self._write(sql, params))
+
+    def _without_fsync(self, transaction: Callable[[], T]) -> T:
+        """A transaction that only takes leases: a lease lost to a power cut costs nothing (the
+        work is claimed again), so its commit need not wait for the disk; the next durable
+        commit syncs it along."""
         conn = self._db()
         conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            return self._write(sql, params)
+            return transaction()
         finally:
             conn.execute("PRAGMA synchronous = FULL")
 
-    async def release_hints(self, hint_ids: Sequence[int], retry_at: float) -> None:
-        await self._call(self._write_many, _RELEASE_HINT, [(retry_at, i) for i in hint_ids])
+    async def release_hints(self, hints: Sequence[HintRef], retry_at: float) -> None:
+        await self._call(self._write_many, _RELEASE_HINT, [(retry_at, h.id) for h in hints])
 
     def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         conn = self._begin()
@@ -502,6 +557,38 @@ class SQLiteStore(Store):
             sql, params = _COUNT_ORDER_HINTS, (platform, ref)
         count: int = (await self._call(self._read_one, sql, params))[0]
         return count
+
+    async def orders_with_news(
+        self, platform: str, targets: Sequence[tuple[str, str]], since: float
+    ) -> set[str]:
+        if not targets:
+            return set()
+        return await self._call(self._orders_with_news, platform, list(targets), since)
+
+    def _orders_with_news(
+        self, platform: str, targets: list[tuple[str, str]], since: float
+    ) -> set[str]:
+        conn = self._db()
+        news = set()
+        for key, ref in targets:
+            params = {"platform": platform, "ref": ref, "key": key, "since": since}
+            if conn.execute(_NEWS_FOR, params).fetchone():
+                news.add(key)
+        return news
+
+    async def seen_statuses(self, platform: str, refs: Sequence[str]) -> dict[str, str]:
+        if not refs:
+            return {}
+        return await self._call(self._seen_statuses, platform, list(refs))
+
+    def _seen_statuses(self, platform: str, refs: list[str]) -> dict[str, str]:
+        conn = self._db()
+        seen = {}
+        for ref in refs:
+            row = conn.execute(_SEEN_STATUS, (platform, ref)).fetchone()
+            if row is not None:
+                seen[ref] = row[0]
+        return seen
 
     def _read_one(self, sql: str, params: Sequence[Any]) -> Any:
         return self._db().execute(sql, params).fetchone()
@@ -598,7 +685,7 @@ class SQLiteStore(Store):
             if (0 if row is None else row[0]) != obs.expected_version:
                 return False
             conn.execute(_UPSERT_ORDER, {"key": key, "canonical": obs.new_canonical})
-            sightings = [(obs.platform, obs.ref, obs.native_status)]
+            sightings = [] if obs.ref is None else [(obs.platform, obs.ref, obs.native_status)]
             sightings += [(s.platform, s.ref, s.native_status) for s in obs.sightings]
             for platform, ref, seen in sightings:
                 link = {"key": key, "platform": platform, "ref": ref}
@@ -631,8 +718,11 @@ class SQLiteStore(Store):
             conn.executemany(
                 _INSERT_PROBLEM, [_problem_row(p, obs.observed_at) for p in obs.problems]
             )
-        if obs.hint_ids:
-            conn.executemany(_DELETE_HINT, [(i,) for i in obs.hint_ids])
+        for hint in obs.hints:
+            if conn.execute(_CONSUME_HINT, {"id": hint.id, "seq": hint.seq}).rowcount == 0:
+                conn.execute(_REARM_HINT, {"id": hint.id, "now": obs.observed_at})
+        if obs.follow_up:
+            conn.executemany(_ADD_HINT, _hint_rows(obs.follow_up))
         return True
 
     # -- outbox -----------------------------------------------------------------------------
@@ -687,6 +777,12 @@ class SQLiteStore(Store):
     ) -> None:
         params = {**_target(delivery), "next_try_at": next_try_at, "error": error, "now": now}
         await self._call(self._settle, _RETRY, params, None)
+
+    async def postpone_delivery(
+        self, delivery: Delivery, next_try_at: float, reason: str, now: float
+    ) -> None:
+        params = {**_target(delivery), "next_try_at": next_try_at, "error": reason, "now": now}
+        await self._call(self._settle, _POSTPONE, params, None)
 
     async def fail_delivery(self, delivery: Delivery, reason: str, now: float) -> None:
         problem = Problem(
@@ -766,6 +862,22 @@ class SQLiteStore(Store):
         else:
             rows = await self._call(self._read_all, _LIST_AUDIT_FOR, (order_key, limit))
         return [AuditEntry(row[0], row[1], row[2], orjson.loads(row[3]), row[4]) for row in rows]
+
+
+def _hint_rows(hints: Sequence[NewHint]) -> list[dict[str, Any]]:
+    return [
+        {
+            "platform": h.platform,
+            "ref": h.ref,
+            "by_key": int(h.by_key),
+            "event": h.event,
+            "at": h.received_at,
+            "observed": h.observed,
+            "observed_at": None if h.observed is None else h.received_at,
+            "order_key": h.order_key,
+        }
+        for h in hints
+    ]
 
 
 def _target(delivery: Delivery) -> dict[str, Any]:

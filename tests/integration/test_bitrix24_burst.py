@@ -88,7 +88,7 @@ async def seed_links(world: World) -> None:
         for code in ORDERS:
             await store.commit_observation(
                 Observation(
-                    hint_ids=(),
+                    hints=(),
                     platform="shoptet",
                     ref=code,
                     observed_at=time.time(),

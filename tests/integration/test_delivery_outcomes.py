@@ -557,7 +557,7 @@ async def test_a_write_leased_elsewhere_does_not_make_delivery_spin(sims: Sims) 
         desired = (DesiredWrite("shoptet", "shipped", str(SHOPTET["shipped"])),)
         assert await other.commit_observation(
             Observation(
-                hint_ids=(),
+                hints=(),
                 platform="metakocka",
                 ref=world.mk_ids[CODE],
                 observed_at=now,

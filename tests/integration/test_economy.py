@@ -142,7 +142,7 @@ async def seed_links(
             seen = {p: native_of(world, p, code) for p in ("metakocka", "bitrix24", "shoptet")}
             committed = await store.commit_observation(
                 Observation(
-                    hint_ids=(),
+                    hints=(),
                     platform="shoptet",
                     ref=code,
                     observed_at=time.time(),

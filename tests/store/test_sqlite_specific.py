@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bridge.models import AuditEntry, DesiredWrite, NewHint, Observation, Problem
+from bridge.models import AuditEntry, DesiredWrite, HintRef, NewHint, Observation, Problem
 from bridge.store import sqlite as sqlite_module
 from bridge.store.base import StoreUnavailable
 from bridge.store.sqlite import SchemaTooNew, SQLiteStore
@@ -62,10 +62,10 @@ async def test_everything_survives_close_and_reopen(path: Path) -> None:
     first = SQLiteStore(str(path))
     await first.open()
     await first.add_hints(hints(2) + hints(1, "B2"))
-    [a1, _] = await first.claim_hints(10, T0, 30)
+    [a1, _] = await first.claim_hints({"shoptet": 10}, T0, 30)
     assert await first.commit_observation(
         Observation(
-            hint_ids=a1.hint_ids,
+            hints=(a1.hint,),
             platform="shoptet",
             ref="A1",
             observed_at=T0,
@@ -113,10 +113,10 @@ async def test_open_creates_parent_directories_and_migrates(path: Path) -> None:
 
 async def test_migrations_are_idempotent(path: Path) -> None:
     schemas = []
-    for _ in range(3):
+    for i in range(3):
         store = SQLiteStore(str(path))
         await store.open()
-        await store.add_hints(hints(1))
+        await store.add_hints(hints(1, f"R{i}"))
         await store.close()
         schemas.append(schema(path))
 
@@ -150,7 +150,10 @@ async def test_a_newer_schema_is_refused_and_left_untouched(path: Path) -> None:
     before = schema(path)
 
     store = SQLiteStore(str(path))
-    with pytest.raises(SchemaTooNew, match=r"schema version 99.*only knows versions up to 1"):
+    known = len(sqlite_module._migrations())
+    with pytest.raises(
+        SchemaTooNew, match=rf"schema version 99.*only knows versions up to {known}"
+    ):
         await store.open()
     await store.close()
 
@@ -219,7 +222,9 @@ async def test_add_hints_on_a_full_disk_stores_none_of_the_batch(store: SQLiteSt
     await on_store_thread(store, fill_up)
 
     with pytest.raises(StoreUnavailable, match="full") as raised:
-        await store.add_hints(hints(2_000, "A-long-reference-" * 10))
+        await store.add_hints(
+            [h for i in range(2_000) for h in hints(1, f"A-long-reference-{i}-" * 10)]
+        )
     assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
     assert await store.pending_hints() == 1
 
@@ -235,9 +240,10 @@ async def test_add_hints_after_the_connection_is_gone(store: SQLiteStore) -> Non
 async def test_concurrent_callers_are_serialised(store: SQLiteStore) -> None:
     await asyncio.gather(*(store.add_hints(hints(3, f"R{i}")) for i in range(50)))
 
-    assert await store.pending_hints() == 150
-    batches = await store.claim_hints(100, T0, 30)
-    assert sorted(i for b in batches for i in b.hint_ids) == list(range(1, 151))
+    assert await store.pending_hints() == 50  # one per order, however many came
+    batches = await store.claim_hints({"shoptet": 100}, T0 + 2, 30)
+    assert sorted(b.ref for b in batches) == sorted(f"R{i}" for i in range(50))
+    assert {b.hint.seq for b in batches} == {3}
 
 
 async def test_storing_hints_goes_ahead_of_queued_calls(store: SQLiteStore) -> None:
@@ -260,9 +266,9 @@ async def test_storing_hints_goes_ahead_of_queued_calls(store: SQLiteStore) -> N
     assert await asyncio.gather(*queued) == [1, 1, 1, 1, 1]
 
 
-def observation(key: str, hint_ids: tuple[int, ...] = ()) -> Observation:
+def observation(key: str, hints: tuple[HintRef, ...] = ()) -> Observation:
     return Observation(
-        hint_ids=hint_ids,
+        hints=hints,
         platform="shoptet",
         ref=key,
         observed_at=T0,
@@ -278,7 +284,7 @@ async def test_a_commit_failing_inside_a_group_is_undone_alone(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.add_hints([h for ref in ("A1", "B2", "C3") for h in hints(1, ref)])
-    batches = {b.ref: b for b in await store.claim_hints(10, T0, 30)}
+    batches = {b.ref: b for b in await store.claim_hints({"shoptet": 10}, T0, 30)}
     apply = SQLiteStore._apply_observation
 
     def fail_for_b2(conn: sqlite3.Connection, obs: Observation, audit: list[Any]) -> bool:
@@ -293,7 +299,7 @@ async def test_a_commit_failing_inside_a_group_is_undone_alone(
     await asyncio.sleep(0.05)
     # Queued behind the blocker, the three commits go as one group.
     commits = [
-        asyncio.ensure_future(store.commit_observation(observation(k, batches[k].hint_ids)))
+        asyncio.ensure_future(store.commit_observation(observation(k, (batches[k].hint,))))
         for k in ("A1", "B2", "C3")
     ]
     await asyncio.sleep(0.05)
@@ -313,19 +319,19 @@ async def test_claims_skip_the_fsync_and_everything_else_keeps_it(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     levels: list[int] = []
-    write = SQLiteStore._write
+    begin = SQLiteStore._begin
 
-    def spying_write(self: SQLiteStore, sql: str, params: dict[str, Any]) -> list[Any]:
+    def spying_begin(self: SQLiteStore) -> sqlite3.Connection:
         levels.append(self._db().execute("PRAGMA synchronous").fetchone()[0])
-        return write(self, sql, params)
+        return begin(self)
 
-    monkeypatch.setattr(SQLiteStore, "_write", spying_write)
+    monkeypatch.setattr(SQLiteStore, "_begin", spying_begin)
     await store.add_hints(hints(1))
-    assert len(await store.claim_hints(10, T0, 30)) == 1
+    assert len(await store.claim_hints({"shoptet": 10}, T0, 30)) == 1
     await store.claim_deliveries("metakocka", 10, T0, 30)
 
-    # 1 = NORMAL (a lease lost to a power cut is harmless), 2 = FULL.
-    assert levels == [1, 1]
+    # 2 = FULL (a webhook's hint survives a power cut), 1 = NORMAL (a lost lease is harmless).
+    assert levels == [2, 1, 1]
     pragma = await on_store_thread(store, lambda c: c.execute("PRAGMA synchronous").fetchone())
     assert pragma[0] == 2
 
@@ -338,14 +344,14 @@ async def test_two_stores_on_one_file_never_claim_the_same_hints(path: Path) -> 
     try:
         await stores[0].add_hints([h for i in range(40) for h in hints(2, f"R{i}")])
         claims = await asyncio.gather(
-            *(s.claim_hints(3, T0, 30) for _ in range(10) for s in stores)
+            *(s.claim_hints({"shoptet": 3}, T0 + 1, 30) for _ in range(10) for s in stores)
         )
     finally:
         for store in stores:
             await store.close()
 
-    ids = [i for batches in claims for b in batches for i in b.hint_ids]
-    assert sorted(ids) == list(range(1, 81))
+    refs = [b.ref for batches in claims for b in batches]
+    assert sorted(refs) == sorted(f"R{i}" for i in range(40))
 
 
 async def test_calls_before_open_fail_clearly(path: Path) -> None:

@@ -51,7 +51,7 @@ async def setup(
     await store.open()
     await store.commit_observation(
         Observation(
-            hint_ids=(),
+            hints=(),
             platform="metakocka",
             ref="400000000001",
             observed_at=T0,
@@ -77,18 +77,18 @@ async def setup(
 
 async def consume_hints(store: MemoryStore, clock: Clock) -> None:
     """What the worker does with the re-read hints, in short."""
-    for batch in await store.claim_hints(10, clock.now, 1):
+    for batch in await store.claim_hints({"shoptet": 10}, clock.now, 1):
         await store.commit_observation(
             Observation(
-                hint_ids=batch.hint_ids, platform="shoptet", ref=batch.ref, observed_at=clock.now
+                hints=(batch.hint,), platform="shoptet", ref=batch.ref, observed_at=clock.now
             )
         )
 
 
-async def drain(dispatcher: Dispatcher, clock: Clock, steps: int = 20) -> None:
+async def drain(dispatcher: Dispatcher, clock: Clock, steps: int = 20, step: float = 60) -> None:
     for _ in range(steps):
         await dispatcher.deliver_due("shoptet")
-        clock.now += 60
+        clock.now += step
 
 
 async def test_done_records_the_write() -> None:
@@ -161,7 +161,7 @@ async def test_a_conflict_rereads_the_target_then_writes() -> None:
     )
     await dispatcher.deliver_due("shoptet")
     assert await store.pending_hints("shoptet", "2026000042") == 1  # the re-read is queued
-    await drain(dispatcher, clock, steps=2)
+    await drain(dispatcher, clock, steps=2, step=5)
     assert len(client.sent) == 1  # the write waits for the worker to look first
     await consume_hints(store, clock)
     await drain(dispatcher, clock)
@@ -173,10 +173,10 @@ async def test_conflicts_that_never_end_are_dead_lettered() -> None:
     dispatcher, store, client, clock = await setup([Outcome("conflict", reason="409")] * 10)
     for _ in range(10):
         await dispatcher.deliver_due("shoptet")
-        for batch in await store.claim_hints(10, clock.now, 1):  # the worker consumes re-reads
+        for batch in await store.claim_hints({"shoptet": 10}, clock.now, 1):  # re-reads
             await store.commit_observation(
                 Observation(
-                    hint_ids=batch.hint_ids,
+                    hints=(batch.hint,),
                     platform="shoptet",
                     ref=batch.ref,
                     observed_at=clock.now,
@@ -186,6 +186,45 @@ async def test_conflicts_that_never_end_are_dead_lettered() -> None:
     assert len(client.sent) == MAX_CONFLICTS
     [problem] = await store.list_problems()
     assert "kept changing" in problem.reason
+
+
+async def test_news_holds_a_write_back_for_a_while_not_for_ever() -> None:
+    dispatcher, store, client, clock = await setup([Outcome("done")])
+    from bridge.models import NewHint
+
+    await store.add_hints([NewHint("shoptet", "2026000042", "order:update", clock.now)])
+    await store.learn_ref("2026000042", "shoptet", "2026000042")
+    await drain(dispatcher, clock, steps=5, step=5)
+    assert client.sent == []  # 25 s: the worker may still get to it
+    await drain(dispatcher, clock, steps=2, step=5)
+    assert len(client.sent) == 1  # news left unjudged for 30 s holds nothing back
+    assert await store.pending_deliveries() == 0
+    [row] = [d for d in [await store.load_order("2026000042")] if d]
+    assert row.platforms["shoptet"].last_written == "3"
+
+
+async def test_news_the_bridge_has_seen_since_holds_nothing_back() -> None:
+    dispatcher, store, client, clock = await setup([Outcome("done")])
+    from bridge.models import NewHint, Snapshot
+
+    await store.add_hints([NewHint("shoptet", "2026000042", "order:update", clock.now - 1)])
+    # A read after that webhook came: what it announced is known already.
+    order = await store.load_order("2026000042")
+    assert order is not None
+    await store.commit_observation(
+        Observation(
+            hints=(),
+            platform="metakocka",
+            ref="400000000001",
+            observed_at=clock.now,
+            order_key="2026000042",
+            native_status="shipped",
+            expected_version=order.version,
+            sightings=(Snapshot("shoptet", "2026000042", "2026000042", "-1"),),
+        )
+    )
+    await dispatcher.deliver_due("shoptet")
+    assert len(client.sent) == 1
 
 
 async def test_news_from_the_target_holds_the_write_back() -> None:

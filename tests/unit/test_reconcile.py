@@ -47,7 +47,7 @@ class RacingStore(MemoryStore):
         self.races = 1
 
     async def commit_observation(self, observation: Observation) -> bool:
-        if self.races and not observation.hint_ids and observation.audit:
+        if self.races and not observation.hints and observation.audit:
             self.races -= 1
             await super().commit_observation(
                 Observation(
