@@ -21,6 +21,7 @@ from bridge.inbox import Inbox
 from bridge.metrics import Metrics
 from bridge.models import NewHint
 from bridge.platforms.base import PlatformClient, ReadFailed
+from bridge.ratelimit import LOW, priority
 from bridge.store.base import Store
 
 log = logging.getLogger("bridge.poller")
@@ -75,11 +76,13 @@ class Poller:
                 datetime.fromisoformat(mark).timestamp() if mark else started
             ) - self._overlap
             found = 0
-            async for page in self._client.changes_since(iso(since_ts), iso(started)):
-                news = await self._news(page)
-                if news:
-                    await self._inbox.add(news)
-                    found += len(news)
+            # Background work: pages wait behind writes and look-ups for the platform's slots.
+            with priority(LOW):
+                async for page in self._client.changes_since(iso(since_ts), iso(started)):
+                    news = await self._news(page)
+                    if news:
+                        await self._inbox.add(news)
+                        found += len(news)
             await self._store.set_watermark(name, iso(started))
         except ReadFailed as exc:
             self._metrics.polls.labels(self.platform, "failed").inc()

@@ -18,6 +18,7 @@ from bridge.mapping import StatusMapping
 from bridge.models import AuditEntry, Observation, OrderState, Snapshot
 from bridge.platforms.base import PlatformClient, ReadFailed
 from bridge.policy import Verdict, reconcile
+from bridge.ratelimit import LOW, priority
 from bridge.store.base import Store
 
 log = logging.getLogger("bridge.reconcile")
@@ -119,7 +120,8 @@ async def _read_all(
         }
         if not refs:
             continue
-        results = await clients[platform].read_many(list(refs))
+        with priority(LOW):  # background work: after the writes and look-ups waiting
+            results = await clients[platform].read_many(list(refs))
         for ref, result in results.items():
             if isinstance(result, ReadFailed):
                 report.unreadable[platform] = report.unreadable.get(platform, 0) + 1

@@ -525,12 +525,18 @@ async def test_changes_since_pages_through_more_than_50_changes(mode: str) -> No
     assert {(h.platform, h.event, h.observed) for h in hints} == {
         ("bitrix24", "poll", portal.native("paid"))
     }
-    # Without a start: everything changed until then, in three pages (next = 50, 100).
-    assert [len(p) for p in everything_before] == [50, 50, 25]
+    # Without a start: everything changed until then. The first page says how many follow;
+    # the rest come up to 50 pages a request (a batch of list commands).
+    assert [len(p) for p in everything_before] == [50, 75]
     assert [h.ref for p in everything_before for h in p] == refs[:60] + refs[65:]
     assert [h.ref for p in since_then for h in p] == refs[:65]
     starts = [c.params.get("start") for c in portal.calls(portal.list_method)]
-    assert starts == [0, 50, 0, 50, 100, 0, 50]
+    assert starts == [0, 0, 0]
+    batched = [
+        [int(cmd.split("start=")[1]) for cmd in c.params["cmd"].values()]
+        for c in portal.calls("batch")
+    ]
+    assert batched == [[50], [50, 100], [50]]
 
 
 # -- OAuth ----------------------------------------------------------------------------------
